@@ -1,0 +1,509 @@
+"""Llama-2 written out in plain PyTorch, numerically as Meta's reference computes it, plus what MAGNET adds:
+per-token roles for the hybrid attention mask (attention.py), a KV cache that also serves span infilling,
+LoRA adapters, and checkpoint I/O (Meta's consolidated.NN.pth format and llama2.c's .bin format).
+
+Module and parameter names are Meta's (tok_embeddings, layers.{i}.attention.wq, ..., norm, output), so a Meta
+checkpoint loads strictly, one to one.
+"""
+import json
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from attention import BACKENDS, CONTEXT, PAD, SPAN, attend, plan_attention
+
+
+class CheckpointError(ValueError):
+    """A checkpoint, adapter or params.json that cannot be used; the message names the file and the problem."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class ModelArgs:
+    # The fields of Meta's params.json.
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None  # None = n_heads (no grouped-query attention)
+    vocab_size: int = -1  # -1 = take it from the checkpoint
+    multiple_of: int = 256
+    ffn_dim_multiplier: Optional[float] = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # Runtime fields (not part of Meta's params.json, except tie_embeddings which we record when it is true).
+    max_seq_len: int = 4096
+    dropout: float = 0.0  # on both residual branches; Llama-2 itself uses none
+    tie_embeddings: bool = False  # output shares tok_embeddings (llama2.c models), never for Llama-2
+    attn_backend: str = "sdpa"  # "sdpa" (fused) or "math" (reference); see attention.py
+
+    @property
+    def kv_heads(self):
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self):
+        return self.dim // self.n_heads
+
+    @property
+    def hidden_dim(self):
+        """SwiGLU width: 2/3 of 4*dim, times the optional multiplier, rounded up to multiple_of (11008 for 7B)."""
+        h = int(2 * 4 * self.dim / 3)
+        if self.ffn_dim_multiplier is not None:
+            h = int(self.ffn_dim_multiplier * h)
+        return self.multiple_of * math.ceil(h / self.multiple_of)
+
+
+PARAMS_JSON_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
+                      "ffn_dim_multiplier", "norm_eps", "rope_theta", "tie_embeddings")
+
+
+def args_from_params(params, source, **overrides):
+    """ModelArgs from a params.json dict; unknown keys are an error (they would change the numerics silently)."""
+    unknown = set(params) - set(PARAMS_JSON_FIELDS)
+    if unknown:
+        raise CheckpointError(f"{source}: unsupported key(s) {sorted(unknown)}; known: {list(PARAMS_JSON_FIELDS)}")
+    return ModelArgs(**{**params, **overrides})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The Llama-2 blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()  # normalise in fp32, cast back, then scale: Meta's order of operations
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_angles(positions, head_dim, theta):
+    """cos and sin of the rotary angles pos * theta^(-2i/hd), i < hd/2, in fp32: each (B, T, hd/2).
+
+    Computed from explicit positions on every call (no buffer): positions need not be contiguous (infilling encodes
+    context at 0..L-1 and L+n.., then decodes the gap), and a model cast to bf16 keeps fp32 angles.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
+    angles = positions.float()[..., None] * inv_freq  # (B, T, hd/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate interleaved pairs (x0, x1), (x2, x3), ... of each head (Meta's layout). x: (B, T, H, hd)."""
+    pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, H, hd/2, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # (B, T, 1, hd/2)
+    rotated = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)  # (B, T, H, hd/2, 2)
+    return rotated.flatten(-2).type_as(x)  # (B, T, H, hd)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x, rope, mask, is_causal, backend, cache=None, layer_id=0):
+        B, T, _ = x.shape
+        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), *rope)  # (B, T, H, hd)
+        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), *rope)  # (B, T, Hkv, hd)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, hd)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or Hkv, T, hd)
+        if cache is not None:
+            k, v = cache.store(layer_id, k, v)  # (B, Hkv, S, hd): every cached position plus these T
+        y = attend(q, k, v, mask, is_causal, backend)  # (B, H, T, hd)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, dim)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim, hidden_dim):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id, args: ModelArgs):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.drop = nn.Dropout(args.dropout)
+
+    def forward(self, x, rope, mask, is_causal, backend, cache=None):
+        h = x + self.drop(self.attention(self.attention_norm(x), rope, mask, is_causal, backend, cache, self.layer_id))
+        return h + self.drop(self.feed_forward(self.ffn_norm(h)))
+
+
+class KVCache:
+    """Keys and values of every layer for the positions processed so far, with their roles and positions.
+
+    Keeping roles and positions lets the hybrid mask be rebuilt for each new query, so one cache serves causal
+    generation (all SPAN) and infilling (encode the CONTEXT once, then decode SPAN tokens one at a time: context
+    never attends to the span, so its cached K/V are already final).
+    """
+
+    def __init__(self, args: ModelArgs, batch_size, max_len, device="cpu", dtype=torch.float32):
+        shape = (args.n_layers, batch_size, args.kv_heads, max_len, args.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.roles = torch.full((batch_size, max_len), PAD, dtype=torch.long, device=device)
+        self.pos = torch.zeros((batch_size, max_len), dtype=torch.long, device=device)
+        self.length = 0  # positions stored so far
+
+    def extend(self, roles, positions):
+        """Record the roles/positions of T new tokens; returns those of all keys, cached and new: (B, S) each."""
+        end = self.length + roles.shape[1]
+        if end > self.roles.shape[1]:
+            raise ValueError(f"KV cache holds {self.roles.shape[1]} positions; {end} requested")
+        self.roles[:, self.length:end], self.pos[:, self.length:end] = roles, positions
+        return self.roles[:, :end], self.pos[:, :end]
+
+    def store(self, layer_id, k, v):
+        """Write the new keys/values (B, Hkv, T, hd) of one layer; returns all of that layer's (B, Hkv, S, hd)."""
+        end = self.length + k.shape[2]
+        self.k[layer_id, :, :, self.length:end], self.v[layer_id, :, :, self.length:end] = k, v
+        return self.k[layer_id, :, :, :end], self.v[layer_id, :, :, :end]
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        if args.vocab_size <= 0:
+            raise ValueError(f"vocab_size must be set (got {args.vocab_size}); load_checkpoint fills it in")
+        if args.dim % args.n_heads or args.n_heads % args.kv_heads or args.head_dim % 2:
+            raise ValueError(f"dim={args.dim}, n_heads={args.n_heads}, n_kv_heads={args.kv_heads}: need heads to "
+                             "divide dim, kv heads to divide heads, and an even head_dim")
+        if args.attn_backend not in BACKENDS:
+            raise ValueError(f"attn_backend={args.attn_backend!r}: expected one of {BACKENDS}")
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.apply(self._init_weights)  # for training from scratch; a loaded checkpoint replaces all of it
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, tokens, roles=None, start_pos=0, cache=None, return_hidden=False, positions=None):
+        """tokens: (B, T) ids. roles: (B, T) PAD/CONTEXT/SPAN, None = all SPAN (an ordinary causal LM).
+        positions: (B, T) or (T,) RoPE positions, default start_pos + 0..T-1. cache: a KVCache to read and extend.
+        Returns float32 logits (B, T, V), and the final normed hidden states (B, T, dim) if return_hidden.
+        """
+        B, T = tokens.shape
+        if positions is None:
+            positions = start_pos + torch.arange(T, device=tokens.device)
+        positions = positions.expand(B, T)
+        if roles is None:
+            roles = torch.full((B, T), SPAN, dtype=torch.long, device=tokens.device)
+        if int(positions.max()) >= self.args.max_seq_len:
+            raise ValueError(f"position {int(positions.max())} is beyond max_seq_len={self.args.max_seq_len}")
+        k_roles, k_pos = cache.extend(roles, positions) if cache is not None else (roles, positions)
+        mask, is_causal = plan_attention(roles, positions, k_roles, k_pos, cached=cache is not None)
+        rope = rope_angles(positions, self.args.head_dim, self.args.rope_theta)
+        h = self.tok_embeddings(tokens)  # (B, T, dim)
+        for layer in self.layers:
+            h = layer(h, rope, mask, is_causal, self.args.attn_backend, cache)
+        if cache is not None:
+            cache.length += T
+        h = self.norm(h)
+        logits = self.output(h).float()  # (B, T, V)
+        return (logits, h) if return_hidden else logits
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LoRA (Hu et al., 2021), with PEFT's defaults and semantics
+
+LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear map plus a trainable low-rank update: y = W x + (alpha / r) * B A dropout(x).
+
+    The frozen matrix keeps the name `weight`, so base checkpoints still load by Meta's names; the adapter adds
+    `lora_A` (r, in), Kaiming-uniform, and `lora_B` (out, r), zero, so at step 0 the model equals its base.
+    """
+
+    def __init__(self, weight: nn.Parameter, rank, alpha, dropout):
+        super().__init__()
+        out_features, in_features = weight.shape
+        self.weight = weight
+        self.scaling = alpha / rank
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features, device=weight.device, dtype=weight.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, device=weight.device, dtype=weight.dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout)
+        self.merged = False
+
+    def delta(self):
+        """The update B A * alpha/r as a full matrix, in fp32."""
+        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+
+    def forward(self, x):
+        y = F.linear(x, self.weight)
+        if self.merged:
+            return y
+        return y + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
+
+    @torch.no_grad()
+    def merge(self):
+        if not self.merged:
+            self.weight.copy_((self.weight.float() + self.delta()).to(self.weight.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            self.weight.copy_((self.weight.float() - self.delta()).to(self.weight.dtype))
+            self.merged = False
+
+
+def apply_lora(model: Transformer, rank=16, alpha=32, dropout=0.05, targets=LORA_TARGETS):
+    """Wrap the target linears of every block in LoRALinear and freeze everything except the LoRA matrices."""
+    unknown = set(targets) - set(LORA_TARGETS)
+    if unknown or rank <= 0:
+        raise ValueError(f"LoRA rank must be > 0 (got {rank}) and targets among {LORA_TARGETS} (got {sorted(unknown)})")
+    for block in model.layers:
+        for parent in (block.attention, block.feed_forward):
+            for name in targets:
+                if hasattr(parent, name):
+                    setattr(parent, name, LoRALinear(getattr(parent, name).weight, rank, alpha, dropout))
+    for name, p in model.named_parameters():
+        p.requires_grad = "lora_" in name
+    model.lora_config = dict(rank=rank, alpha=alpha, dropout=dropout, targets=list(targets))
+    return model
+
+
+def lora_layers(model):
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+def merge_lora(model):
+    for m in lora_layers(model):
+        m.merge()
+
+
+def unmerge_lora(model):
+    for m in lora_layers(model):
+        m.unmerge()
+
+
+def save_adapter(model, path, overwrite=False):
+    """Save only the LoRA matrices and their config: megabytes instead of the base model's gigabytes."""
+    if not lora_layers(model):
+        raise ValueError("the model has no LoRA adapter to save (call apply_lora first)")
+    _refuse_overwrite(Path(path), overwrite)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items() if "lora_" in k}
+    _atomic_save({"lora_config": model.lora_config, "state_dict": state}, Path(path))
+
+
+def load_adapter(model, path):
+    """Apply LoRA with the saved config and load the saved matrices into it (strictly)."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        config, state = saved["lora_config"], saved["state_dict"]
+    except (OSError, RuntimeError, KeyError, TypeError, EOFError) as e:
+        raise CheckpointError(f"{path}: not a LoRA adapter file written by save_adapter ({e})") from None
+    apply_lora(model, **config)
+    expected = {k: v.shape for k, v in model.state_dict().items() if "lora_" in k}
+    got = {k: v.shape for k, v in state.items()}
+    if expected != got:
+        bad = sorted(set(expected.items()) ^ set(got.items()))[:4]
+        raise CheckpointError(f"{path}: adapter does not fit this model; first mismatches (key, shape): {bad}")
+    model.load_state_dict(state, strict=False)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoint I/O
+
+# Meta's model-parallel layout: which dimension each weight is split along (norms are replicated).
+SHARD_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1, "tok_embeddings": 1}
+
+
+def merge_shards(shards, names):
+    """Merge Meta model-parallel shards (state dicts) into one state dict by the SHARD_DIM rules."""
+    if len(shards) == 1:
+        return {k: v for k, v in shards[0].items() if k != "rope.freqs"}
+    merged = {}
+    for key in shards[0]:
+        if key == "rope.freqs":  # a cached RoPE table in Meta's files; we compute RoPE on the fly
+            continue
+        for shard, name in zip(shards, names):
+            if key not in shard:
+                raise CheckpointError(f"{name}: key {key} is missing (it is in {names[0]})")
+        dim = SHARD_DIM.get(key.split(".")[-2])
+        merged[key] = shards[0][key] if dim is None else torch.cat([s[key] for s in shards], dim=dim)
+    return merged
+
+
+def _read_meta_dir(directory: Path):
+    params_path = directory / "params.json"
+    if not params_path.is_file():
+        raise CheckpointError(f"{params_path}: not found; a Meta checkpoint directory holds params.json and "
+                              "consolidated.00.pth ... consolidated.NN.pth")
+    try:
+        params = json.loads(params_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{params_path}: not valid JSON ({e})") from None
+    paths = sorted(directory.glob("consolidated.*.pth"))
+    expected = [directory / f"consolidated.{i:02d}.pth" for i in range(len(paths))]
+    if not paths or paths != expected:
+        missing = [p.name for p in expected if p not in paths] or ["consolidated.00.pth"]
+        raise CheckpointError(f"{directory}: model-parallel shard {missing[0]} is missing "
+                              f"(found {[p.name for p in paths]})")
+    shards = []
+    for p in paths:
+        try:  # mmap: the weights stay on disk until they are used, so peak memory is about one copy
+            shards.append(torch.load(p, map_location="cpu", mmap=True, weights_only=True))
+        except Exception as e:  # torch raises many types for a damaged file
+            raise CheckpointError(f"{p}: cannot be read as a PyTorch state dict ({type(e).__name__}: {e})") from None
+    state = merge_shards(shards, [p.name for p in paths])
+    if params.get("vocab_size", -1) <= 0 and "tok_embeddings.weight" in state:
+        params["vocab_size"] = state["tok_embeddings.weight"].shape[0]
+    return params, state, str(params_path)
+
+
+def _read_llama2c(path: Path):
+    """Read Karpathy's llama2.c 'legacy v0' .bin: a header of 7 int32, then fp32 weights grouped by kind."""
+    size = path.stat().st_size
+    if size < 28:
+        raise CheckpointError(f"{path}: {size} bytes is too short for a llama2.c header (28 bytes)")
+    dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len = (int(x) for x in np.fromfile(path, "<i4", 7))
+    tied, vocab = vocab > 0, abs(vocab)  # a negative vocab_size means a separate output matrix follows
+    if min(dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len) <= 0 or dim % n_heads:
+        raise CheckpointError(f"{path}: header {dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len} "
+                              "is not a llama2.c model header")
+    hd, L = dim // n_heads, n_layers
+    blocks = [("tok_embeddings", (vocab, dim)), ("attention_norm", (L, dim)), ("attention.wq", (L, dim, dim)),
+              ("attention.wk", (L, n_kv_heads * hd, dim)), ("attention.wv", (L, n_kv_heads * hd, dim)),
+              ("attention.wo", (L, dim, dim)), ("ffn_norm", (L, dim)), ("feed_forward.w1", (L, hidden, dim)),
+              ("feed_forward.w2", (L, dim, hidden)), ("feed_forward.w3", (L, hidden, dim)), ("norm", (dim,)),
+              ("rope_tables", (seq_len * hd,))] + ([] if tied else [("output", (vocab, dim))])
+    n_floats = sum(math.prod(shape) for _, shape in blocks)
+    if size != 28 + 4 * n_floats:
+        raise CheckpointError(f"{path}: {size} bytes, but its header (dim={dim}, n_layers={n_layers}, vocab={vocab}) "
+                              f"implies {28 + 4 * n_floats}: the file is truncated or not a llama2.c v0 model")
+    data, offset, state = np.memmap(path, dtype="<f4", mode="r", offset=28), 0, {}
+    for name, shape in blocks:
+        block = torch.from_numpy(np.array(data[offset:offset + math.prod(shape)]).reshape(shape))
+        offset += math.prod(shape)
+        if name in ("tok_embeddings", "norm", "output"):
+            state[f"{name}.weight"] = block
+        elif name != "rope_tables":  # the legacy RoPE tables are recomputed, not read
+            state.update({f"layers.{i}.{name}.weight": block[i] for i in range(L)})
+    if tied:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    # llama2.c stores the FFN width itself; find Meta's multiple_of that reproduces it
+    multiple_of = next((m for m in (256, 128, 64, 32, 16, 8, 4, 2, 1)
+                        if ModelArgs(dim=dim, multiple_of=m).hidden_dim == hidden), None)
+    if multiple_of is None:
+        raise CheckpointError(f"{path}: hidden_dim={hidden} is not Llama's FFN width for dim={dim}")
+    params = dict(dim=dim, n_layers=L, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=vocab,
+                  multiple_of=multiple_of, norm_eps=1e-5, tie_embeddings=tied)
+    return params, state, str(path), seq_len
+
+
+def load_checkpoint(path, device="cpu", dtype=None, vocab_size=None, **overrides) -> Transformer:
+    """Load a Meta checkpoint directory (params.json + consolidated.NN.pth, shards merged) or a llama2.c .bin.
+
+    The model is built on the meta device and the (memory-mapped) tensors are assigned into it, so peak memory is
+    about one copy of the weights. dtype: default fp32 on CPU (bf16 matmul is slow there), the file's dtype elsewhere.
+    vocab_size: the tokenizer's, checked against the checkpoint's. overrides: runtime ModelArgs (max_seq_len, ...).
+    """
+    path = Path(path)
+    if path.is_dir():
+        params, state, source = _read_meta_dir(path)
+    elif path.is_file():
+        params, state, source, seq_len = _read_llama2c(path)
+        overrides.setdefault("max_seq_len", seq_len)
+    else:
+        raise CheckpointError(f"{path}: no such checkpoint (expected a Meta directory or a llama2.c .bin file)")
+    args = args_from_params(params, source, **overrides)
+    if vocab_size is not None and vocab_size != args.vocab_size:
+        raise CheckpointError(f"{path}: the checkpoint's vocabulary has {args.vocab_size} tokens but the tokenizer's "
+                              f"has {vocab_size}; they must come from the same model")
+    with torch.device("meta"):
+        model = Transformer(args)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    for key in sorted(set(expected) | set(got)):
+        if expected.get(key) != got.get(key):
+            raise CheckpointError(f"{path}: {key} has shape {got.get(key, 'missing')} but params.json implies "
+                                  f"{expected.get(key, 'no such key')}")
+    model.load_state_dict(state, strict=True, assign=True)
+    if args.tie_embeddings:  # assign=True gave output its own tensor; share it again
+        model.output.weight = model.tok_embeddings.weight
+    if dtype is None:
+        dtype = torch.float32 if torch.device(device).type == "cpu" else state["tok_embeddings.weight"].dtype
+    return model.to(device=device, dtype=dtype)
+
+
+def _refuse_overwrite(path: Path, overwrite):
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+
+
+def _atomic_save(obj, path: Path):
+    """torch.save to a temporary name, then rename: a crash never leaves a half-written file under `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def merged_state_dict(model: Transformer):
+    """The base state dict with every LoRA update folded into its weight (adapter keys dropped), on the CPU."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items() if "lora_" not in k}
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear) and not m.merged:
+            state[f"{name}.weight"] = (m.weight.float() + m.delta()).to(m.weight.dtype).detach().cpu()
+    return state
+
+
+def save_checkpoint(model: Transformer, directory, overwrite=False, state=None):
+    """Write a Meta-format checkpoint (params.json + consolidated.00.pth) that load_checkpoint reads back.
+
+    LoRA updates are folded in, so the file is the adapted model in the base model's format. `state` may be given
+    (e.g. a full state dict gathered from FSDP); by default it is merged_state_dict(model).
+    """
+    directory = Path(directory)
+    if not overwrite and ((directory / "params.json").exists() or any(directory.glob("consolidated.*.pth"))):
+        raise FileExistsError(f"{directory} already holds a checkpoint; pass overwrite=True to replace it")
+    for stale in directory.glob("consolidated.*.pth"):  # overwriting: old model-parallel shards must not linger
+        stale.unlink()
+    a = model.args
+    params = {f.name: getattr(a, f.name) for f in fields(a) if f.name in PARAMS_JSON_FIELDS}
+    # keep params.json readable by Meta's own Llama-2 code: write our extra keys only when they are not the default
+    params = {k: v for k, v in params.items()
+              if v is not None and not (k in ("rope_theta", "tie_embeddings") and v == getattr(ModelArgs, k))}
+    _atomic_save(merged_state_dict(model) if state is None else state, directory / "consolidated.00.pth")
+    (directory / "params.json").write_text(json.dumps(params, indent=2) + "\n")
