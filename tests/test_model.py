@@ -1,0 +1,218 @@
+"""model.py: architecture sizes, checkpoint round trips (incl. model-parallel shards), KV cache, LoRA, clear errors."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from attention import CONTEXT, SPAN
+from model import (CheckpointError, KVCache, LoRALinear, ModelArgs, Transformer, apply_lora, load_adapter,
+                   load_checkpoint, merge_lora, save_adapter, save_checkpoint, unmerge_lora)
+
+ARGS = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=61, multiple_of=8, max_seq_len=64)
+
+
+def tiny(**kw):
+    return Transformer(ModelArgs(**{**ARGS, **kw})).eval()
+
+
+# ---------------------------------------------------------------------------------------------------- sizes
+
+def test_llama2_7b_parameter_count_on_meta_device():
+    params = {"dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 32, "norm_eps": 1e-05, "vocab_size": 32000}
+    with torch.device("meta"):
+        model = Transformer(ModelArgs(**params))
+    assert sum(p.numel() for p in model.parameters()) == 6_738_415_616
+    assert model.args.hidden_dim == 11008
+
+
+def test_ffn_widths_13b_70b():
+    assert ModelArgs(dim=5120, multiple_of=256).hidden_dim == 13824
+    assert ModelArgs(dim=8192, multiple_of=4096, ffn_dim_multiplier=1.3).hidden_dim == 28672
+    assert ModelArgs(dim=64, multiple_of=4).hidden_dim == 172  # stories260K
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_save_load_roundtrip(tmp_path, tied):
+    model = tiny(tie_embeddings=tied)
+    tokens = torch.randint(0, 61, (2, 10))
+    save_checkpoint(model, tmp_path / "ckpt")
+    loaded = load_checkpoint(tmp_path / "ckpt", max_seq_len=64)
+    assert loaded.args.tie_embeddings == tied
+    assert (loaded.output.weight is loaded.tok_embeddings.weight) == tied
+    assert torch.equal(loaded(tokens), model(tokens))
+    with pytest.raises(FileExistsError):  # never overwrites without being asked
+        save_checkpoint(model, tmp_path / "ckpt")
+
+
+def split_like_meta(state, n):
+    """The inverse of Meta's merge, written here independently: column-parallel weights split on dim 0,
+    row-parallel weights and the embedding on dim 1, norms replicated."""
+    rows = ("wq", "wk", "wv", "w1", "w3", "output")
+    cols = ("wo", "w2", "tok_embeddings")
+    shards = [{} for _ in range(n)]
+    for key, t in state.items():
+        kind = key.split(".")[-2]
+        parts = t.chunk(n, 0) if kind in rows else t.chunk(n, 1) if kind in cols else [t] * n
+        for s, p in zip(shards, parts):
+            s[key] = p.clone()
+    shards[0]["rope.freqs"] = torch.zeros(4)  # present in Meta's files, must be ignored
+    return shards
+
+
+def test_two_model_parallel_shards_merge(tmp_path):
+    model = tiny()
+    for i, shard in enumerate(split_like_meta(model.state_dict(), 2)):
+        torch.save(shard, tmp_path / f"consolidated.{i:02d}.pth")
+    (tmp_path / "params.json").write_text(json.dumps({k: ARGS[k] for k in ARGS if k != "max_seq_len"}))
+    loaded = load_checkpoint(tmp_path, max_seq_len=64)
+    tokens = torch.randint(0, 61, (2, 10))
+    assert torch.equal(loaded(tokens), model(tokens))
+
+
+def test_load_keeps_checkpoint_dtype_off_cpu_and_fp32_on_cpu(tmp_path):
+    model = tiny().to(torch.bfloat16)
+    save_checkpoint(model, tmp_path)
+    assert load_checkpoint(tmp_path).tok_embeddings.weight.dtype == torch.float32
+    assert load_checkpoint(tmp_path, dtype=torch.bfloat16).tok_embeddings.weight.dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------------------------------------------- KV cache
+
+def test_kv_cache_causal_generation_equals_recomputation():
+    model = tiny()
+    tokens = torch.randint(0, 61, (2, 12))
+    full = model(tokens)
+    cache = KVCache(model.args, batch_size=2, max_len=12)
+    steps = [model(tokens[:, :5], cache=cache)]  # the prompt in one go, then one token at a time
+    steps += [model(tokens[:, t:t + 1], start_pos=t, cache=cache) for t in range(5, 12)]
+    assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
+
+
+def test_kv_cache_span_decoding_after_context_equals_recomputation():
+    """Infilling: encode CONTEXT at positions 0..L-1 and L+n.. once, then decode the n SPAN tokens one at a time."""
+    model = tiny()
+    L, n, T = 4, 3, 11
+    tokens = torch.randint(0, 61, (1, T))
+    roles = torch.full((1, T), CONTEXT)
+    roles[0, L:L + n] = SPAN
+    full = model(tokens, roles)
+    cache = KVCache(model.args, batch_size=1, max_len=T)
+    ctx_pos = torch.cat([torch.arange(L), torch.arange(L + n, T)])
+    ctx_out = model(tokens[:, ctx_pos], torch.full((1, T - n), CONTEXT), positions=ctx_pos, cache=cache)
+    assert torch.allclose(ctx_out, full[:, ctx_pos], atol=1e-5)
+    for p in range(L, L + n):
+        step = model(tokens[:, p:p + 1], torch.full((1, 1), SPAN), positions=torch.tensor([p]), cache=cache)
+        assert torch.allclose(step[0, 0], full[0, p], atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------- LoRA
+
+def test_lora_starts_at_base_merges_and_trains_only_adapters(tmp_path):
+    model = tiny()
+    tokens = torch.randint(0, 61, (2, 10))
+    base = model(tokens)
+    apply_lora(model, rank=4, alpha=8, dropout=0.0)
+    assert sum(isinstance(m, LoRALinear) for m in model.modules()) == 7 * 2
+    assert torch.equal(model(tokens), base)  # B = 0 at init
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert len(trainable) == 2 * 7 * 2
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    adapted = model(tokens)
+    assert not torch.allclose(adapted, base, atol=1e-3)
+    # the update, re-derived in the test: W + (alpha/r) B A
+    wq = model.layers[0].attention.wq
+    x = torch.randn(3, 32)
+    assert torch.allclose(wq(x), x @ (wq.weight + 2.0 * wq.lora_B @ wq.lora_A).T, atol=1e-5)
+    merge_lora(model)
+    assert torch.allclose(model(tokens), adapted, atol=1e-5)
+    unmerge_lora(model)
+    assert torch.allclose(model(tokens), adapted, atol=1e-5)
+    # the merged Meta export equals the adapted model
+    save_checkpoint(model, tmp_path / "merged")
+    assert torch.allclose(load_checkpoint(tmp_path / "merged", max_seq_len=64)(tokens), adapted, atol=1e-5)
+
+
+def test_adapter_roundtrip_onto_same_base(tmp_path):
+    torch.manual_seed(1)
+    base = tiny()
+    save_checkpoint(base, tmp_path / "base")
+    model = apply_lora(load_checkpoint(tmp_path / "base", max_seq_len=64), rank=4, alpha=8, dropout=0.0)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    tokens = torch.randint(0, 61, (2, 10))
+    save_adapter(model, tmp_path / "adapter.pt")
+    reloaded = load_adapter(load_checkpoint(tmp_path / "base", max_seq_len=64), tmp_path / "adapter.pt")
+    assert torch.equal(reloaded(tokens), model(tokens))
+    with pytest.raises(CheckpointError, match="does not fit"):
+        load_adapter(tiny(dim=48, n_heads=4), tmp_path / "adapter.pt")
+
+
+# ---------------------------------------------------------------------------------------------------- errors
+
+def test_clear_errors_for_bad_meta_checkpoints(tmp_path):
+    model = tiny()
+    save_checkpoint(model, tmp_path / "ok")
+    with pytest.raises(CheckpointError, match=r"params\.json: not found"):
+        load_checkpoint(tmp_path / "ok" / "..")
+    (tmp_path / "noshard").mkdir()
+    (tmp_path / "noshard" / "params.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"consolidated\.00\.pth is missing"):
+        load_checkpoint(tmp_path / "noshard")
+    for i, shard in enumerate(split_like_meta(model.state_dict(), 3)):
+        if i != 1:
+            torch.save(shard, tmp_path / "noshard" / f"consolidated.{i:02d}.pth")
+    with pytest.raises(CheckpointError, match=r"consolidated\.01\.pth is missing"):
+        load_checkpoint(tmp_path / "noshard")
+    params = json.loads((tmp_path / "ok" / "params.json").read_text())
+    (tmp_path / "ok" / "params.json").write_text(json.dumps({**params, "dim": 48}))
+    with pytest.raises(CheckpointError, match=r"layers\.0\.attention\.wk\.weight has shape \(16, 32\).*implies \(24, 48\)"):
+        load_checkpoint(tmp_path / "ok")
+    (tmp_path / "ok" / "params.json").write_text(json.dumps({**params, "use_scaled_rope": True}))
+    with pytest.raises(CheckpointError, match="unsupported key"):
+        load_checkpoint(tmp_path / "ok")
+    (tmp_path / "ok" / "params.json").write_text(json.dumps(params))
+    with pytest.raises(CheckpointError, match="61 tokens but the tokenizer's has 32000"):
+        load_checkpoint(tmp_path / "ok", vocab_size=32000)
+    (tmp_path / "ok" / "consolidated.00.pth").write_bytes(b"not a torch file")
+    with pytest.raises(CheckpointError, match=r"consolidated\.00\.pth: cannot be read"):
+        load_checkpoint(tmp_path / "ok")
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        load_checkpoint(tmp_path / "nowhere")
+
+
+def write_llama2c(path, model, seq_len=16):
+    """A llama2.c v0 file written independently of model.py's reader (tied, so vocab_size positive)."""
+    a, sd = model.args, model.state_dict()
+    header = np.array([a.dim, a.hidden_dim, a.n_layers, a.n_heads, a.kv_heads, a.vocab_size, seq_len], "<i4")
+    per_layer = ["attention_norm", "attention.wq", "attention.wk", "attention.wv", "attention.wo", "ffn_norm",
+                 "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"]
+    blocks = [sd["tok_embeddings.weight"]]
+    blocks += [sd[f"layers.{i}.{name}.weight"] for name in per_layer for i in range(a.n_layers)]
+    blocks += [sd["norm.weight"], torch.zeros(seq_len * a.head_dim)]
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        for b in blocks:
+            f.write(b.detach().numpy().astype("<f4").tobytes())
+
+
+def test_llama2c_bin_roundtrip_and_truncation(tmp_path):
+    model = tiny(tie_embeddings=True, max_seq_len=16)
+    write_llama2c(tmp_path / "m.bin", model)
+    loaded = load_checkpoint(tmp_path / "m.bin")
+    assert loaded.args.max_seq_len == 16 and loaded.args.tie_embeddings
+    tokens = torch.randint(0, 61, (1, 9))
+    assert torch.equal(loaded(tokens), model(tokens))
+    data = (tmp_path / "m.bin").read_bytes()
+    (tmp_path / "cut.bin").write_bytes(data[:-100])
+    with pytest.raises(CheckpointError, match=r"cut\.bin: \d+ bytes.*truncated"):
+        load_checkpoint(tmp_path / "cut.bin")
+    (tmp_path / "tiny.bin").write_bytes(data[:10])
+    with pytest.raises(CheckpointError, match="too short"):
+        load_checkpoint(tmp_path / "tiny.bin")
