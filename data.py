@@ -1,0 +1,402 @@
+"""Data for MAGNET: the tokenizer, text corpora, the toy world, the three-view MAGNET batch, and eval-set readers.
+
+One training example is seen through three views (DESIGN §4):
+  view A    a corpus chunk with hybrid roles: some spans to generate (MSG), the rest context with 20% of it
+            masked for MNTP. Labels use the next-token shift: the output at t-1 predicts the token at t.
+  views B/C two short texts for SSCL, all CONTEXT with EOS appended: a text and its positive (a paraphrase when
+            the data has pairs, otherwise the same text, made different by dropout noise as in SimCSE).
+"""
+import hashlib
+import io
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+import torch
+
+from attention import CONTEXT, PAD, SPAN
+
+IGNORE = -100  # label of positions that are not a target (torch's cross_entropy ignore_index)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizer
+
+class Tokenizer:
+    """SentencePiece with explicit special ids. The MNTP mask token is the piece "_" where the vocabulary has it
+    (Llama-2: id 29918, as LLM2Vec uses), otherwise `mask_piece` if given, otherwise unk."""
+
+    def __init__(self, path, mask_piece="_"):
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: tokenizer not found (expected a SentencePiece .model file)")
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        except (RuntimeError, OSError) as e:
+            raise ValueError(f"{path}: not a SentencePiece model ({e})") from None
+        self.path, self.vocab_size = path, self.sp.vocab_size()
+        self.bos_id, self.eos_id, self.unk_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id()
+        self.pad_id = self.eos_id  # pad positions also carry role PAD and label IGNORE, so the id never matters
+        self.mask_id = self.sp.piece_to_id(mask_piece)  # unk when the piece is absent
+
+    def encode(self, text, bos=False, eos=False):
+        return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
+
+    def decode(self, ids):
+        return self.sp.decode([int(i) for i in ids])
+
+
+def train_tokenizer(texts, path, vocab_size):
+    """Train a small BPE SentencePiece model (unk=0, bos=1, eos=2, as Llama's) on `texts`; writes `path`."""
+    out = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=out, vocab_size=vocab_size,
+                                   model_type="bpe", character_coverage=1.0,
+                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_bytes(out.getvalue())
+    return Tokenizer(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Corpora
+
+class TextCorpus:
+    """UTF-8 text files, paragraphs separated by blank lines, tokenized once into a cached token file.
+
+    The stream is BOS + paragraph tokens, paragraph after paragraph; `starts` holds where each paragraph begins.
+    The cache file's name carries a hash of the sources and the tokenizer, so a change of either re-tokenizes.
+    The last `val_fraction` of the paragraphs is held out (split="val") for evaluation.
+    """
+
+    def __init__(self, paths, tokenizer: Tokenizer, split="train", val_fraction=0.05, cache_dir=None):
+        paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
+        for p in paths:
+            if not p.is_file():
+                raise FileNotFoundError(f"{p}: corpus file not found")
+        key = hashlib.sha256(tokenizer.path.read_bytes())
+        for p in paths:
+            key.update(p.read_bytes())
+        cache = Path(cache_dir or paths[0].parent) / f"{paths[0].name}.{key.hexdigest()[:16]}.tokens.npz"
+        if not cache.exists():
+            self._tokenize(paths, tokenizer, cache)
+        saved = np.load(cache)
+        self.tokens, starts = saved["tokens"], saved["starts"]
+        if len(starts) == 0:
+            raise ValueError(f"{', '.join(map(str, paths))}: the corpus has no text")
+        n_val = int(round(len(starts) * val_fraction))
+        ends = np.append(starts[1:], len(self.tokens))
+        keep = slice(len(starts) - n_val, None) if split == "val" else slice(0, len(starts) - n_val)
+        self.starts, self.ends = starts[keep], ends[keep]
+        if len(self.starts) == 0:
+            raise ValueError(f"{paths[0]}: the {split!r} split is empty ({len(starts)} paragraphs in all)")
+        self.tokenizer = tokenizer
+
+    @staticmethod
+    def _tokenize(paths, tokenizer, cache):
+        stream, starts = [], []
+        for p in paths:
+            for para in read_paragraphs(p):
+                starts.append(len(stream))
+                stream += tokenizer.encode(para, bos=True)
+        dtype = np.uint16 if tokenizer.vocab_size < 2 ** 16 else np.uint32
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(cache.name + ".tmp.npz")
+        np.savez(tmp, tokens=np.array(stream, dtype=dtype), starts=np.array(starts, dtype=np.int64))
+        tmp.replace(cache)
+
+    def chunk(self, rng, length):
+        """Up to `length` tokens starting at a random paragraph (so it begins with BOS), running on past its end."""
+        i = rng.integers(len(self.starts))
+        return self.tokens[self.starts[i]:min(self.starts[i] + length, self.ends[-1])].astype(np.int64)
+
+    def passage(self, rng, max_len):
+        """A short passage for SSCL: up to max_len tokens from a random point inside one paragraph (no BOS)."""
+        i = rng.integers(len(self.starts))
+        lo, hi = self.starts[i] + 1, self.ends[i]
+        start = rng.integers(lo, max(lo + 1, hi - max_len // 2))
+        return self.tokens[start:min(start + max_len, hi)].astype(np.int64)
+
+
+def read_paragraphs(path):
+    text = Path(path).read_text(encoding="utf-8")
+    return [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+
+
+def read_pairs(path):
+    """A paraphrase file for SSCL positives: one `text<TAB>positive` pair a line."""
+    pairs = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        fields = line.split("\t")
+        if len(fields) != 2 or not all(f.strip() for f in fields):
+            raise ValueError(f"{path}, line {n}: expected 'text<TAB>positive', got {line[:80]!r}")
+        pairs.append((fields[0].strip(), fields[1].strip()))
+    if not pairs:
+        raise ValueError(f"{path}: no pairs")
+    return pairs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The MAGNET batch
+
+@dataclass
+class BatchConfig:
+    batch_size: int = 8
+    seq_len: int = 256  # view A: BOS + up to seq_len tokens
+    max_spans: int = 3
+    span_min: int = 8
+    span_max: int = 32
+    p_causal: float = 0.1  # rows that are one span after BOS: plain next-token prediction (our choice)
+    mntp_rate: float = 0.2
+    sscl_len: int = 48  # max tokens of an SSCL text (before EOS)
+
+
+def sample_spans(n, rng, max_spans, span_min, span_max):
+    """Spans [start, end) for a row of n tokens: 1..max_spans, none covering BOS (position 0), >= 1 context token
+    between two spans, each at most about half the room so short rows keep context."""
+    room = n - 1
+    if room < 1:
+        return []
+    k = min(int(rng.integers(1, max_spans + 1)), max(1, (room + 1) // 2))
+    cap = max(1, (room - (k - 1)) // (2 * k))
+    lengths = [min(int(rng.integers(span_min, span_max + 1)), cap) for _ in range(k)]
+    free = room - sum(lengths) - (k - 1)  # context tokens to scatter around the spans
+    cuts = np.sort(rng.integers(0, free + 1, size=k))
+    gaps = np.diff(np.concatenate([[0], cuts]))  # context before each span (the separators come on top)
+    spans, pos = [], 1
+    for i, (gap, length) in enumerate(zip(gaps, lengths)):
+        pos += int(gap) + (i > 0)
+        spans.append((pos, pos + length))
+        pos += length
+    return spans
+
+
+def view_a(chunk, cfg: BatchConfig, tok: Tokenizer, rng):
+    """One row of view A: (tokens, roles, mntp_labels, msg_labels), each of length len(chunk).
+
+    Labels are stored at the position that predicts them: label[t-1] = original token t (the next-token shift).
+    """
+    n = len(chunk)
+    tokens, roles = chunk.copy(), np.full(n, CONTEXT)
+    mntp, msg = np.full(n, IGNORE), np.full(n, IGNORE)
+    if rng.random() < cfg.p_causal:  # a plain causal LM row: keeps left-to-right generation intact
+        roles[:] = SPAN
+        msg[:-1] = chunk[1:]
+        return tokens, roles, mntp, msg
+    for s, e in sample_spans(n, rng, cfg.max_spans, cfg.span_min, cfg.span_max):
+        roles[s:e] = SPAN
+        msg[s - 1:e - 1] = chunk[s:e]
+    eligible = np.flatnonzero(roles == CONTEXT)
+    eligible = eligible[eligible > 0]  # never BOS
+    picked = eligible[rng.random(len(eligible)) < cfg.mntp_rate]
+    mntp[picked - 1] = chunk[picked]
+    action = rng.random(len(picked))  # 80% mask token, 10% a random token, 10% unchanged (BERT's recipe)
+    tokens[picked[action < 0.8]] = tok.mask_id
+    rand = picked[(action >= 0.8) & (action < 0.9)]
+    tokens[rand] = rng.integers(0, tok.vocab_size, size=len(rand))
+    return tokens, roles, mntp, msg
+
+
+def pad_rows(rows, fill):
+    """Stack 1-D arrays into a (B, T) tensor, right-padding with `fill`."""
+    out = np.full((len(rows), max(len(r) for r in rows)), fill, dtype=np.int64)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return torch.from_numpy(out)
+
+
+def sscl_views(texts, tok: Tokenizer, max_len):
+    """All-CONTEXT rows (BOS + text + EOS), right-padded; returns tokens, roles, and the index of each EOS."""
+    rows = [[tok.bos_id] + list(t[:max_len]) + [tok.eos_id] for t in texts]
+    return pad_rows(rows, tok.pad_id), pad_rows([[CONTEXT] * len(r) for r in rows], PAD), \
+        torch.tensor([len(r) - 1 for r in rows])
+
+
+def magnet_batch(corpus: TextCorpus, cfg: BatchConfig, rng, pairs=None):
+    """The three views for one step; deterministic given the numpy Generator `rng`.
+
+    Returns a dict of tensors: tokens, roles, mntp_labels, msg_labels (view A, (B, T)); sscl_tokens, sscl_roles
+    ((2B, T'), view B stacked on view C) and sscl_last ((2B,), the EOS index used for last-token pooling).
+    """
+    tok = corpus.tokenizer
+    rows = [view_a(corpus.chunk(rng, cfg.seq_len + 1), cfg, tok, rng) for _ in range(cfg.batch_size)]
+    batch = dict(tokens=pad_rows([r[0] for r in rows], tok.pad_id), roles=pad_rows([r[1] for r in rows], PAD),
+                 mntp_labels=pad_rows([r[2] for r in rows], IGNORE), msg_labels=pad_rows([r[3] for r in rows], IGNORE))
+    if pairs:
+        chosen = [pairs[i] for i in rng.integers(len(pairs), size=cfg.batch_size)]
+        texts = [tok.encode(a) for a, _ in chosen] + [tok.encode(b) for _, b in chosen]
+    else:
+        texts = [corpus.passage(rng, cfg.sscl_len) for _ in range(cfg.batch_size)]
+        texts = texts + texts  # SimCSE: the positive is the same text under different dropout noise
+    batch["sscl_tokens"], batch["sscl_roles"], batch["sscl_last"] = sscl_views(texts, tok, cfg.sscl_len)
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Eval-set readers
+
+def read_sts(path):
+    """STS-B layout: tab-separated, gold score 0-5 in field 5, sentences in fields 6 and 7 (extra fields ignored)."""
+    rows = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        f = line.split("\t")
+        try:
+            rows.append((f[5], f[6], float(f[4])))
+        except (IndexError, ValueError):
+            raise ValueError(f"{path}, line {n}: expected >= 7 tab-separated fields with a score in field 5, "
+                             f"got {line[:80]!r}") from None
+    if not rows:
+        raise ValueError(f"{path}: no sentence pairs")
+    return rows
+
+
+def read_conll(path):
+    """CoNLL-2003 columns (word POS chunk NER), blank line between sentences, -DOCSTART- lines skipped.
+    Returns a list of sentences, each a dict of equal-length lists: words, pos, chunk, ner."""
+    sentences, current = [], []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip() or line.startswith("-DOCSTART-"):
+            if current:
+                sentences.append({k: [c[i] for c in current] for i, k in enumerate(("words", "pos", "chunk", "ner"))})
+            current = []
+            continue
+        cols = line.split()
+        if len(cols) != 4:
+            raise ValueError(f"{path}, line {n}: expected 4 columns (word POS chunk NER), got {line[:80]!r}")
+        current.append(cols)
+    if current:
+        sentences.append({k: [c[i] for c in current] for i, k in enumerate(("words", "pos", "chunk", "ner"))})
+    if not sentences:
+        raise ValueError(f"{path}: no sentences")
+    return sentences
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The toy world: simple English stories with known answers, generated from a seed (no download)
+#
+# Every story opens with "<name> found a <object> <place>." The object is drawn independently of everything
+# before it and is named again only in the NEXT sentence, so a blank over it is determined by the right context
+# alone: a causal model is at chance (1/8), a model that reads both sides is not. Sentences built from a frame
+# (name, verb, object, place) have several surface forms, giving paraphrases and pairs of graded similarity.
+# Each word carries a part-of-speech tag (lexicon below; "word/TAG" in a template overrides it, e.g. "light"
+# is a NOUN in "a warm light" and an ADJ in "the drum was light").
+
+NAMES = ["Mia", "Tom", "Sam", "Lily", "Ben", "Anna", "Max", "Zoe"]
+OBJECTS = {"kite": "it flew high in the wind", "ball": "it bounced on the grass", "book": "it had many pages",
+           "cake": "it tasted very sweet", "boat": "it floated on the pond", "drum": "it made a loud sound",
+           "lamp": "it gave a warm light", "hat": "it kept the sun away"}
+PLACES = ["under the tree", "in the garden", "near the river", "in a box", "behind the house", "on the hill"]
+ADJECTIVES = ["red", "blue", "green", "yellow", "big", "small", "old", "light/ADJ"]
+VERBS = [("found", "discovered"), ("spotted", "noticed"), ("lost", "misplaced"), ("bought", "purchased")]
+LEXICON = {tag: words.split() for tag, words in {
+    "NOUN": "kite ball book cake boat drum lamp hat tree garden river box house hill wind grass pages pond sound "
+            "light sun day morning",
+    "VERB": "found discovered spotted noticed lost misplaced bought purchased was flew bounced had tasted floated "
+            "made gave kept wanted play played went were",
+    "ADJ": "red blue green yellow big small old many sweet loud warm happy good",
+    "DET": "a the A The",
+    "ADP": "under Under in In near Near behind Behind on On by with to",
+    "PRON": "it It They",
+    "PUNCT": ". ,",
+    "NAME": " ".join(NAMES)}.items()}
+WORD_TAG = {w: tag for tag, words in LEXICON.items() for w in words}  # anything else: OTHER (very, high, and, ...)
+
+
+def tag_words(sentence):
+    """(words, tags) of a marked-up toy sentence."""
+    words, tags = [], []
+    for w in re.findall(r"[\w/]+|[.,]", sentence):
+        word, _, tag = w.partition("/")
+        words.append(word)
+        tags.append(tag or WORD_TAG.get(word, "OTHER"))
+    return words, tags
+
+
+def plain(text):
+    return re.sub(r"/[A-Z]+", "", text)
+
+
+def frame_sentence(frame, rng, avoid=None):
+    """One surface form of a (name, verb, object, place) frame: 3 word orders x 2 synonyms of the verb."""
+    name, verb, obj, place = frame
+    forms = [(f"{name} {v} a {obj} {place}.", f"{place[0].upper() + place[1:]}, {name} {v} a {obj}.",
+              f"A {obj} was {v} by {name} {place}.")[k] for k in range(3) for v in VERBS[verb]]
+    return rng.choice([f for f in forms if f != avoid])
+
+
+def random_frame(rng):
+    return rng.choice(NAMES), rng.randrange(len(VERBS)), rng.choice(list(OBJECTS)), rng.choice(PLACES)
+
+
+def held_out(frame):
+    """Object/place combinations reserved for evaluation pairs (never used as SSCL training pairs)."""
+    return (list(OBJECTS).index(frame[2]) + PLACES.index(frame[3])) % 4 == 0
+
+
+def toy_story(rng):
+    """A story as marked-up sentences; the first names an object that only the second sentence identifies."""
+    name, friend = rng.sample(NAMES, 2)
+    obj, place, adj = rng.choice(list(OBJECTS)), rng.choice(PLACES), rng.choice(ADJECTIVES)
+    opening = rng.choice(["", "One day, ", "In the morning, "])
+    return [f"{opening}{name} found a {obj} {place}.",
+            f"The {obj} was {adj} and {OBJECTS[obj]}.",
+            rng.choice([f"{name} gave the {obj} to {friend}.", f"{friend} wanted to/OTHER play with the {obj}.",
+                        f"{name} and {friend} played with the {obj} all day."]),
+            frame_sentence(random_frame(rng), rng),
+            rng.choice(["They were very happy.", f"Then {name} went home.", "It was a good day."])]
+
+
+def toy_stories(n, seed):
+    rng = random.Random(seed)
+    return [plain(" ".join(toy_story(rng))) for _ in range(n)]
+
+
+def toy_blanks(n, seed):
+    """(left, answer, right) triples: the answer is the object that only the right context names."""
+    out = []
+    for text in toy_stories(n, seed):
+        obj = re.search(r" found a (\w+) ", text).group(1)
+        i = text.index(f" found a {obj} ") + len(" found a")
+        out.append((text[:i], obj, text[i + 1 + len(obj):]))
+    return out
+
+
+def toy_pairs(n, seed, split):
+    """STS-style (a, b, score) pairs: b changes d of the 4 frame slots, score = 5 (4 - d) / 4; d = 0 is a
+    paraphrase. split="test" uses only held-out frames, split="train" only the others."""
+    rng, out = random.Random(seed), []
+    while len(out) < n:
+        a = random_frame(rng)
+        if held_out(a) != (split == "test"):
+            continue
+        d, b = rng.randint(0, 4), list(a)
+        for slot in rng.sample(range(4), d):
+            b[slot] = rng.choice([v for v in random_frame_values(slot) if v != a[slot]])
+        first = frame_sentence(a, rng)
+        out.append((plain(first), plain(frame_sentence(tuple(b), rng, avoid=first)), 5 * (4 - d) / 4))
+    return out
+
+
+def random_frame_values(slot):
+    return [NAMES, range(len(VERBS)), list(OBJECTS), PLACES][slot]
+
+
+def toy_tagged(n, seed):
+    """Tagged sentences in read_conll's layout (key "pos" holds the toy tags)."""
+    rng = random.Random(seed)
+    sentences = [s for _ in range(n) for s in toy_story(rng)][:n]
+    return [dict(zip(("words", "pos"), tag_words(s))) for s in sentences]
+
+
+def write_toy_world(directory, n_stories=4000, n_pairs=4000, seed=0, vocab_size=256):
+    """Write the toy corpus (stories.txt), SSCL paraphrase pairs (pairs.tsv) and a tokenizer (tok.model).
+    Returns (corpus path, pairs path, Tokenizer). Deterministic for a seed."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    stories = toy_stories(n_stories, seed)
+    (d / "stories.txt").write_text("\n\n".join(stories) + "\n", encoding="utf-8")
+    pairs = [(a, b) for a, b, score in toy_pairs(4 * n_pairs, seed, "train") if score == 5][:n_pairs]
+    (d / "pairs.tsv").write_text("".join(f"{a}\t{b}\n" for a, b in pairs), encoding="utf-8")
+    return d / "stories.txt", d / "pairs.tsv", train_tokenizer(stories, d / "tok.model", vocab_size)
