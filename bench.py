@@ -1,13 +1,12 @@
 """Benchmarks for MAGNET: how fast a training step runs, and how close that is to what the hardware can do.
 
-matmul peak  best FLOP/s of one n x n @ n x n matmul (2 n^3 FLOPs) after warmups: a measured ceiling for this
-             machine, used as the MFU denominator (not a datasheet number).
-train step   forward + cross-entropy + backward (no optimizer) of a Llama-style Transformer on the HYBRID mask (every
-             row CONTEXT with 1-3 SPAN runs of 8-32 tokens, MAGNET's view A), random tokens/targets, fixed seed.
-             Per attention backend: tokens/s (median of the timed steps, after 1 warmup), FLOPs/token, MFU (achieved
-             FLOP/s / matmul peak) and peak memory. CUDA: torch.cuda.max_memory_allocated (weights included). CPU:
-             each backend runs in a fresh subprocess and reports its ru_maxrss minus its RSS right before the first
-             step, the "peak RSS increase" of the steps (activations, gradients, allocator slack).
+matmul peak  best FLOP/s of an n x n @ n x n matmul (2 n^3 FLOPs), read before and after the runs (on a shared
+             machine one reading can come out low): the measured ceiling and MFU denominator, not a datasheet number.
+train step   forward + cross-entropy + backward (no optimizer) of a Llama-style Transformer on the HYBRID mask (each
+             row CONTEXT with 1-3 SPAN runs of 8-32 tokens, MAGNET's view A), random tokens/targets, fixed seed, per
+             attention backend: tokens/s (median of the timed steps after 1 warmup), FLOPs/token, MFU = achieved
+             FLOP/s / matmul peak, and peak memory. CUDA: torch.cuda.max_memory_allocated. CPU: each backend runs in a
+             fresh process; its ru_maxrss minus its RSS right before the first step is the "peak RSS increase".
 """
 import argparse
 import json
@@ -41,7 +40,7 @@ def matmul_peak(dtype, device, n=2048, warmup=3, reps=10):
     return 2 * n ** 3 / min(times[warmup:])
 
 
-def hybrid_roles(batch, seq, generator):
+def hybrid_roles(batch, seq, generator=None):
     """(batch, seq) roles like MAGNET's view A: CONTEXT, plus 1-3 SPAN runs of 8-32 tokens per row. The row is cut
     into k equal segments and one run placed at random inside each, so runs never overlap."""
     roles = torch.full((batch, seq), CONTEXT, dtype=torch.long)
@@ -65,8 +64,8 @@ def flops_per_token(model, seq):
 
 
 def memory(device, peak=False):
-    """Bytes in use now, or the peak. CUDA: "now" resets the peak and is 0, so peak is all of max_memory_allocated.
-    CPU: RSS now; the peak is ru_maxrss (KiB on Linux), a high-water mark of the process's whole life."""
+    """Bytes in use now, or the peak. CUDA: "now" resets the peak, is 0; peak = max_memory_allocated. CPU: the RSS
+    now (/proc); the peak is ru_maxrss (KiB on Linux), the high-water mark of the process's whole life."""
     if torch.device(device).type == "cuda":
         return torch.cuda.max_memory_allocated() if peak else torch.cuda.reset_peak_memory_stats() or 0
     if peak:
@@ -78,13 +77,12 @@ def memory(device, peak=False):
 def train_step(config, backend):
     """Time forward + loss + backward; returns tokens/s, FLOPs/token and peak memory of this configuration."""
     device, dtype, B, T = config["device"], getattr(torch, config["dtype"]), config["batch"], config["seq"]
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # the same weights and inputs for every backend
     args = ModelArgs(dim=config["dim"], n_layers=config["n_layers"], n_heads=config["n_heads"],
                      vocab_size=config["vocab_size"], multiple_of=256, max_seq_len=T, attn_backend=backend)
     model = Transformer(args).to(device=device, dtype=dtype)
-    g = torch.Generator().manual_seed(0)
-    tokens, targets = torch.randint(0, args.vocab_size, (2, B, T), generator=g).to(device)
-    roles = hybrid_roles(B, T, g).to(device)
+    tokens, targets = torch.randint(0, args.vocab_size, (2, B, T)).to(device)
+    roles = hybrid_roles(B, T).to(device)
     before = memory(device)
 
     def step():  # one training step without the optimizer: gradients are freed, recomputed from scratch
@@ -98,12 +96,12 @@ def train_step(config, backend):
 
 def run_isolated(config, backend):
     """Run train_step in a fresh Python process, so its ru_maxrss belongs to this configuration alone."""
-    out = subprocess.run([sys.executable, __file__, "--_child", json.dumps(dict(config, backend=backend))],
-                         stdout=subprocess.PIPE, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    cmd = [sys.executable, __file__, "--_child", json.dumps(dict(config, backend=backend))]
+    return json.loads(subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True).stdout.splitlines()[-1])
 
 
 def markdown_table(results, peak):
+    """One row per backend; achieved FLOP/s = tokens/s x FLOPs/token, and MFU = achieved / matmul peak."""
     lines = ["| backend | tokens/s | GFLOP/token | achieved GFLOP/s | MFU | peak mem (MiB) |", "|---|" + "---:|" * 5]
     for r in results:
         achieved = r["tokens_per_s"] * r["flops_per_token"]
@@ -128,22 +126,24 @@ def main():
         return print(json.dumps(train_step(config, config["backend"])))
     if a.quick:
         a.dim, a.n_layers, a.batch, a.seq, a.steps = 128, 2, 2, 128, 1
-    if a.dtype != "float32" and torch.device(a.device).type != "cuda":
-        p.error("--dtype bfloat16 is only supported with --device cuda (CPU bf16 matmul is slow and unrepresentative)")
     config = dict(device=a.device, dtype=a.dtype, dim=a.dim, n_layers=a.n_layers, n_heads=8, vocab_size=32000,
                   batch=a.batch, seq=a.seq, steps=a.steps)
-    cuda, t0 = torch.device(a.device).type == "cuda", time.perf_counter()
-    peak = matmul_peak(getattr(torch, a.dtype), a.device, n=512 if a.quick else 2048)
+    cuda, dtype, n = torch.device(a.device).type == "cuda", getattr(torch, a.dtype), 512 if a.quick else 2048
+    readings = [matmul_peak(dtype, a.device, n)]
     results = [train_step(config, b) if cuda else run_isolated(config, b) for b in a.backends.split(",")]
+    readings.append(matmul_peak(dtype, a.device, n))
+    peak = max(readings)
     mem_note = ("peak mem = torch.cuda.max_memory_allocated (all live tensors)" if cuda else
-                "peak mem = peak RSS increase: fresh process's ru_maxrss minus its RSS right before the first step")
+                "peak mem = peak RSS increase: ru_maxrss - RSS right before the first step, in a fresh process")
     print(f"device={a.device} dtype={a.dtype} threads={torch.get_num_threads()} torch={torch.__version__}\nmodel: dim="
-          f"{a.dim} n_layers={a.n_layers} n_heads=8 vocab=32000; batch={a.batch} seq={a.seq}; hybrid mask; median "
-          f"of {a.steps} step(s) after 1 warmup\nmatmul peak ({a.dtype}): {peak / 1e9:,.1f} GFLOP/s (MFU denominator)"
-          f"\n\n{markdown_table(results, peak)}\n\n{mem_note}\nFLOPs/token = 6*N_nonembedding + 12*n_layers*dim*seq")
+          f"{a.dim} n_layers={a.n_layers} n_heads=8 vocab=32000; batch={a.batch} seq={a.seq}; hybrid mask; median of "
+          f"{a.steps} step(s) after 1 warmup\nmatmul peak ({a.dtype}, n={n}): {peak / 1e9:,.1f} GFLOP/s = MFU "
+          f"denominator (best of {', '.join(f'{r / 1e9:,.1f}' for r in readings)}, read before/after the runs)\n\n"
+          f"{markdown_table(results, peak)}\n\n{mem_note}\nFLOPs/token = 6*N_nonembedding + 12*n_layers*dim*seq")
     if a.out:
         with open(a.out, "w") as f:
-            json.dump(dict(config=config, matmul_peak_flops=peak, memory=mem_note, results=results), f, indent=2)
+            json.dump(dict(config=config, matmul_peak_flops=peak, matmul_readings=readings, memory=mem_note,
+                           results=results), f, indent=2)
 
 
 if __name__ == "__main__":

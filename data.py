@@ -151,13 +151,14 @@ class BatchConfig:
     p_causal: float = 0.1  # rows that are one span after BOS: plain next-token prediction (our choice)
     mntp_rate: float = 0.2
     sscl_len: int = 48  # max tokens of an SSCL text (before EOS)
+    instruction: str = ""  # optional prefix of every SSCL text (the paper mentions one; empty by default)
 
 
 def sample_spans(n, rng, max_spans, span_min, span_max):
     """Spans [start, end) for a row of n tokens: 1..max_spans, none covering BOS (position 0), >= 1 context token
     between two spans, each at most about half the room so short rows keep context."""
     room = n - 1
-    if room < 1:
+    if room < 1 or max_spans == 0:  # max_spans=0: no spans (the LLM2Vec baseline's all-context rows)
         return []
     k = min(int(rng.integers(1, max_spans + 1)), max(1, (room + 1) // 2))
     cap = max(1, (room - (k - 1)) // (2 * k))
@@ -207,9 +208,10 @@ def pad_rows(rows, fill):
     return torch.from_numpy(out)
 
 
-def sscl_views(texts, tok: Tokenizer, max_len):
-    """All-CONTEXT rows (BOS + text + EOS), right-padded; returns tokens, roles, and the index of each EOS."""
-    rows = [[tok.bos_id] + list(t[:max_len]) + [tok.eos_id] for t in texts]
+def sscl_views(texts, tok: Tokenizer, max_len, instruction=""):
+    """All-CONTEXT rows (BOS + instruction + text + EOS), right-padded; returns tokens, roles, and each EOS index."""
+    prefix = tok.encode(instruction) if instruction else []
+    rows = [[tok.bos_id] + prefix + list(t[:max_len]) + [tok.eos_id] for t in texts]
     return pad_rows(rows, tok.pad_id), pad_rows([[CONTEXT] * len(r) for r in rows], PAD), \
         torch.tensor([len(r) - 1 for r in rows])
 
@@ -230,7 +232,7 @@ def magnet_batch(corpus: TextCorpus, cfg: BatchConfig, rng, pairs=None):
     else:
         texts = [corpus.passage(rng, cfg.sscl_len) for _ in range(cfg.batch_size)]
         texts = texts + texts  # SimCSE: the positive is the same text under different dropout noise
-    batch["sscl_tokens"], batch["sscl_roles"], batch["sscl_last"] = sscl_views(texts, tok, cfg.sscl_len)
+    batch["sscl_tokens"], batch["sscl_roles"], batch["sscl_last"] = sscl_views(texts, tok, cfg.sscl_len, cfg.instruction)
     return batch
 
 

@@ -213,10 +213,12 @@ class Transformer(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, tokens, roles=None, start_pos=0, cache=None, return_hidden=False, positions=None):
+    def forward(self, tokens, roles=None, start_pos=0, cache=None, return_hidden=False, positions=None,
+                compute_logits=True):
         """tokens: (B, T) ids. roles: (B, T) PAD/CONTEXT/SPAN, None = all SPAN (an ordinary causal LM).
         positions: (B, T) or (T,) RoPE positions, default start_pos + 0..T-1. cache: a KVCache to read and extend.
-        Returns float32 logits (B, T, V), and the final normed hidden states (B, T, dim) if return_hidden.
+        Returns float32 logits (B, T, V), and the final normed hidden states (B, T, dim) if return_hidden;
+        only the hidden states if compute_logits=False (encoders skip the vocabulary projection).
         """
         B, T = tokens.shape
         if positions is None:
@@ -235,6 +237,8 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.length += T
         h = self.norm(h)
+        if not compute_logits:
+            return h
         logits = self.output(h).float()  # (B, T, V)
         return (logits, h) if return_hidden else logits
 

@@ -22,3 +22,16 @@ def shared_file(relative):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory):
+    """The built-in toy world, small: (corpus path, pairs path, Tokenizer), written once per test session."""
+    import data
+    return data.write_toy_world(tmp_path_factory.mktemp("toy"), n_stories=600, n_pairs=200, seed=0)
+
+
+@pytest.fixture(scope="session")
+def toy_corpus(toy, tmp_path_factory):
+    import data
+    return data.TextCorpus(toy[0], toy[2], cache_dir=tmp_path_factory.mktemp("cache"))

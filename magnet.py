@@ -1,0 +1,157 @@
+"""Magnet: one decoder-only LLM that encodes, infills and generates (Khosla et al., 2025).
+
+    m = Magnet.load("stories260K.bin", "tok512.model")           # a base model (+ adapter=... after training)
+    m.generate("Once upon a time", 40)                           # left to right, all-SPAN attention, KV cache
+    m.infill("Mia found a", " under the tree. The kite was red.", 1)   # fill a gap from BOTH sides
+    m.encode(["a sentence", "another"])                          # sentence vectors, all-CONTEXT attention
+    m.token_features("a sentence")                               # per-token vectors
+    m.losses(batch)                                              # the MAGNET training losses of one batch
+"""
+import torch
+
+from attention import CONTEXT, SPAN
+from data import Tokenizer, sscl_views
+from model import KVCache, load_adapter, load_checkpoint
+from objectives import mntp_loss, msg_loss, pool, sscl_loss
+
+
+class Magnet:
+    def __init__(self, model, tokenizer: Tokenizer, w_mntp=1.0, w_msg=1.0, w_sscl=1.0, temperature=0.05,
+                 pooling="last", instruction=""):
+        if model.args.vocab_size != tokenizer.vocab_size:
+            raise ValueError(f"{tokenizer.path}: {tokenizer.vocab_size} tokens, but the model has "
+                             f"{model.args.vocab_size}; the tokenizer must be the model's own")
+        self.model, self.tok = model, tokenizer
+        self.weights = dict(mntp=w_mntp, msg=w_msg, sscl=w_sscl)
+        self.temperature, self.pooling, self.instruction = temperature, pooling, instruction
+
+    @classmethod
+    def load(cls, checkpoint, tokenizer, adapter=None, device="cpu", dtype=None, **options):
+        """A base checkpoint (Meta directory or llama2.c .bin), its tokenizer, optionally a LoRA adapter file."""
+        tok = Tokenizer(tokenizer)
+        model = load_checkpoint(checkpoint, device=device, dtype=dtype, vocab_size=tok.vocab_size)
+        if adapter is not None:
+            load_adapter(model, adapter)
+        return cls(model.eval(), tok, **options)
+
+    @property
+    def device(self):
+        return self.model.tok_embeddings.weight.device
+
+    # ------------------------------------------------------------------------------------------------ training
+
+    def losses(self, batch):
+        """The MAGNET losses of one batch from data.magnet_batch: a dict with mntp, msg, sscl and the weighted total.
+        View A (hybrid roles) gives MNTP and MSG in one forward; views B and C (all CONTEXT) give SSCL."""
+        b = {k: v.to(self.device) for k, v in batch.items()}
+        out = {}
+        if self.weights["mntp"] or self.weights["msg"]:
+            logits = self.model(b["tokens"], b["roles"])  # (B, T, V)
+            out["mntp"], out["msg"] = mntp_loss(logits, b["mntp_labels"]), msg_loss(logits, b["msg_labels"])
+        if self.weights["sscl"]:
+            hidden = self.model(b["sscl_tokens"], b["sscl_roles"], compute_logits=False)  # (2B, T', dim)
+            z_b, z_c = pool(hidden, b["sscl_roles"], b["sscl_last"], self.pooling).chunk(2)  # (B, dim) each
+            out["sscl"] = sscl_loss(z_b, z_c, self.temperature)
+        out["total"] = sum(self.weights[k] * v for k, v in out.items())
+        return out
+
+    # ------------------------------------------------------------------------------------------------ inference
+
+    def _sample(self, logits, temperature, top_p, gen):
+        """Next token from (V,) logits: greedy at temperature 0, else nucleus sampling."""
+        if temperature <= 0:
+            return int(logits.argmax())
+        probs = torch.softmax(logits.float() / temperature, dim=-1)
+        sorted_p, order = probs.sort(descending=True)
+        keep = sorted_p.cumsum(0) - sorted_p < top_p  # the smallest prefix whose mass reaches top_p
+        sorted_p = sorted_p * keep
+        return int(order[torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=gen)])
+
+    def _check_length(self, n):
+        if n > self.model.args.max_seq_len:
+            raise ValueError(f"{n} positions requested but the model's max_seq_len is {self.model.args.max_seq_len}")
+
+    @torch.no_grad()
+    def generate(self, prompt, max_new_tokens=64, temperature=0.0, top_p=1.0, seed=0, use_cache=True):
+        """Continue `prompt` left to right (all-SPAN = the ordinary causal LM); stops at EOS. Returns the new text."""
+        ids = self.tok.encode(prompt, bos=True)
+        if max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
+        self._check_length(len(ids) + max_new_tokens)
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        x = torch.tensor([ids], device=self.device)
+        cache = KVCache(self.model.args, 1, len(ids) + max_new_tokens, self.device, self.model.output.weight.dtype)
+        logits = self.model(x, cache=cache if use_cache else None)[0, -1]
+        new = []
+        for _ in range(max_new_tokens):
+            nxt = self._sample(logits, temperature, top_p, gen)
+            if nxt == self.tok.eos_id:
+                break
+            new.append(nxt)
+            if use_cache:
+                logits = self.model(torch.tensor([[nxt]], device=self.device), start_pos=len(ids) + len(new) - 1,
+                                    cache=cache)[0, -1]
+            else:  # recompute the whole sequence: the reference the cache must equal
+                logits = self.model(torch.tensor([ids + new], device=self.device))[0, -1]
+        return self.tok.decode(new)
+
+    @torch.no_grad()
+    def infill(self, left, right, n_tokens, temperature=0.0, top_p=1.0, seed=0, use_cache=True):
+        """Fill a gap of exactly n_tokens between `left` and `right`, reading both (DESIGN §5). Returns the gap text.
+
+        CONTEXT = BOS + left + right, at positions 0..L-1 and L+n..; the gap is SPAN at L..L+n-1. The context is
+        encoded once (it never attends to the span, so its K/V are final); then each span token is decoded from
+        the output before it, which sees all context and the span so far.
+        """
+        if not left.strip() and not right.strip():
+            raise ValueError("infill needs some context: left and right are both empty")
+        if n_tokens <= 0:
+            raise ValueError(f"n_tokens must be > 0, got {n_tokens}")
+        lids, rids = self.tok.encode(left, bos=True), self.tok.encode(right)
+        L, total = len(lids), len(lids) + n_tokens + len(rids)
+        self._check_length(total)
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        dev, span = self.device, []
+        if use_cache:
+            cache = KVCache(self.model.args, 1, total, dev, self.model.output.weight.dtype)
+            pos = torch.cat([torch.arange(L), torch.arange(L + n_tokens, total)]).to(dev)
+            roles = torch.full((1, len(pos)), CONTEXT, device=dev)
+            logits = self.model(torch.tensor([lids + rids], device=dev), roles, positions=pos, cache=cache)[0, L - 1]
+            for i in range(n_tokens):
+                span.append(self._sample(logits, temperature, top_p, gen))
+                logits = self.model(torch.tensor([[span[-1]]], device=dev), torch.full((1, 1), SPAN, device=dev),
+                                    positions=torch.tensor([L + i], device=dev), cache=cache)[0, 0]
+        else:  # recompute the full row each step, with not-yet-decoded span tokens as placeholders
+            roles = torch.tensor([[CONTEXT] * L + [SPAN] * n_tokens + [CONTEXT] * len(rids)], device=dev)
+            for i in range(n_tokens):
+                row = lids + span + [self.tok.unk_id] * (n_tokens - i) + rids
+                logits = self.model(torch.tensor([row], device=dev), roles)[0, L - 1 + i]
+                span.append(self._sample(logits, temperature, top_p, gen))
+        return self.tok.decode(span)
+
+    @torch.no_grad()
+    def encode(self, texts, pooling=None, batch_size=32):
+        """Sentence vectors (N, dim) with all-CONTEXT (bidirectional) attention; EOS appended, last-token pooling
+        by default (or "mean")."""
+        if isinstance(texts, str) or not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+            raise ValueError("encode expects a non-empty list of non-empty strings")
+        out = []
+        for i in range(0, len(texts), batch_size):
+            ids = [self.tok.encode(t) for t in texts[i:i + batch_size]]
+            self._check_length(max(len(t) for t in ids) + 2 + len(self.tok.encode(self.instruction)))
+            tokens, roles, last = (x.to(self.device) for x in sscl_views(ids, self.tok, 10 ** 9, self.instruction))
+            hidden = self.model(tokens, roles, compute_logits=False)  # (b, T, dim)
+            out.append(pool(hidden, roles, last, pooling or self.pooling).float().cpu())
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def token_features(self, text):
+        """Per-token vectors, all-CONTEXT attention. As in MNTP, the output at t-1 represents token t, so piece t's
+        vector is hidden[t-1] (BOS's output represents the first piece). Returns (pieces, Tensor[T, dim])."""
+        if not text.strip():
+            raise ValueError("token_features needs a non-empty text")
+        ids = self.tok.encode(text, bos=True)
+        self._check_length(len(ids))
+        x = torch.tensor([ids], device=self.device)
+        hidden = self.model(x, torch.full_like(x, CONTEXT), compute_logits=False)[0]  # (T+1, dim)
+        return [self.tok.sp.id_to_piece(i) for i in ids[1:]], hidden[:-1].float().cpu()

@@ -1,0 +1,81 @@
+"""The three MAGNET objectives (DESIGN §4) and sentence pooling.
+
+  MNTP  masked next-token prediction (as LLM2Vec): a masked CONTEXT token t is predicted from the output at t-1.
+  MSG   missing-span generation: each SPAN token t is predicted from the output at t-1, which sees all context
+        (left and right of the span) and the span tokens before t.
+  SSCL  sentence-level contrastive learning: InfoNCE between a text and its positive, in-batch negatives.
+
+MNTP and MSG come from ONE hybrid forward pass (view A); their labels are already shifted by data.py, so
+label[t-1] holds token t and both losses are plain token-means of cross-entropy over their own targets.
+"""
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from attention import PAD
+from data import IGNORE
+
+
+def _token_mean_ce(logits, labels):
+    """Mean cross-entropy over positions whose label is not IGNORE; 0 (with a graph) when there are none."""
+    if not bool((labels != IGNORE).any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
+
+
+def mntp_loss(logits, mntp_labels):
+    """Masked next-token prediction. logits: (B, T, V) of view A; mntp_labels: (B, T), token t stored at t-1."""
+    return _token_mean_ce(logits, mntp_labels)
+
+
+def msg_loss(logits, msg_labels):
+    """Missing-span generation, from the same logits as MNTP. msg_labels: (B, T), span token t stored at t-1."""
+    return _token_mean_ce(logits, msg_labels)
+
+
+def pool(hidden, roles, last_index, pooling="last"):
+    """Sentence vectors from final hidden states (B, T, dim): the last real token (the paper's choice, here the EOS
+    at `last_index`) or the mean over non-PAD positions."""
+    if pooling == "last":
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index]  # (B, dim)
+    if pooling == "mean":
+        keep = (roles != PAD).unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+        return (hidden * keep).sum(1) / keep.sum(1)  # (B, dim)
+    raise ValueError(f"pooling={pooling!r}: expected 'last' or 'mean'")
+
+
+class _GatherFromAllRanks(torch.autograd.Function):
+    """all_gather whose backward sends every rank its share of the gradient (all_reduce, then take our slice),
+    so the data-parallel gradient equals that of one process holding the whole global batch. all_reduce and
+    all_gather exist on gloo (CPU) and nccl alike. Every rank must hold the same number of rows."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)  # (world * B, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
+
+
+def sscl_loss(a, b, temperature=0.05):
+    """InfoNCE (SimCSE form) between texts a (B, dim) and their positives b (B, dim).
+
+    Similarity = cosine / temperature; row i's positive is b_i, every other b_j of the GLOBAL batch (all ranks)
+    is a negative; both directions (a->b, b->a) are averaged.
+    """
+    a, b = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
+    offset = 0
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        offset = dist.get_rank() * a.shape[0]
+        a_all, b_all = _GatherFromAllRanks.apply(a), _GatherFromAllRanks.apply(b)
+    else:
+        a_all, b_all = a, b
+    targets = offset + torch.arange(a.shape[0], device=a.device)
+    loss_ab = F.cross_entropy(a @ b_all.T / temperature, targets)  # (B, world * B) logits
+    loss_ba = F.cross_entropy(b @ a_all.T / temperature, targets)
+    return (loss_ab + loss_ba) / 2

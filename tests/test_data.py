@@ -1,0 +1,148 @@
+"""data.py: invariants of the MAGNET batch over many seeds, the toy world, the corpus cache, readers, errors."""
+import numpy as np
+import pytest
+
+import data
+from attention import CONTEXT, PAD, SPAN
+from data import IGNORE, BatchConfig, magnet_batch, read_pairs, sample_spans, view_a
+
+from conftest import shared_file
+
+
+def test_span_sampling_invariants_over_many_seeds():
+    rng = np.random.default_rng(0)
+    for _ in range(3000):
+        n, max_spans = int(rng.integers(1, 80)), int(rng.integers(0, 5))
+        lo = int(rng.integers(1, 10))
+        spans = sample_spans(n, rng, max_spans, lo, lo + int(rng.integers(0, 30)))
+        assert len(spans) <= max_spans and (n < 2 or max_spans == 0 or spans)
+        for s, e in spans:
+            assert 1 <= s < e <= n  # never BOS, inside the row
+        for (_, e1), (s2, _) in zip(spans, spans[1:]):
+            assert s2 >= e1 + 1  # no overlap, at least one context token between spans
+
+
+def test_view_a_invariants_over_many_seeds(toy_corpus):
+    tok = toy_corpus.tokenizer
+    cfg = BatchConfig(seq_len=96, p_causal=0.15)
+    rng = np.random.default_rng(1)
+    n_eligible = n_picked = n_masked = n_random = n_kept = n_causal = 0
+    for _ in range(400):
+        chunk = toy_corpus.chunk(rng, cfg.seq_len + 1)
+        tokens, roles, mntp, msg = view_a(chunk, cfg, tok, rng)
+        assert chunk[0] == tok.bos_id
+        if (roles == SPAN).all():  # a p_causal row: plain next-token prediction
+            n_causal += 1
+            assert (msg[:-1] == chunk[1:]).all() and (mntp == IGNORE).all() and (tokens == chunk).all()
+            continue
+        assert roles[0] == CONTEXT and tokens[0] == tok.bos_id  # BOS never masked nor in a span
+        assert mntp[-1] == IGNORE and msg[-1] == IGNORE
+        # labels exist exactly at the positions that predict a selected/span token, shifted by one
+        is_span = roles[1:] == SPAN
+        assert ((msg[:-1] != IGNORE) == is_span).all() and (msg[:-1][is_span] == chunk[1:][is_span]).all()
+        picked = np.flatnonzero(mntp[:-1] != IGNORE) + 1
+        assert (roles[picked] == CONTEXT).all() and (mntp[picked - 1] == chunk[picked]).all()
+        assert ((mntp[:-1] != IGNORE) & (msg[:-1] != IGNORE)).sum() == 0
+        unpicked = np.setdiff1d(np.arange(len(chunk)), picked)
+        assert (tokens[unpicked] == chunk[unpicked]).all()  # only selected positions are ever changed
+        n_eligible += int((roles[1:] == CONTEXT).sum())
+        n_picked += len(picked)
+        n_masked += int((tokens[picked] == tok.mask_id).sum())
+        same = tokens[picked] == chunk[picked]
+        n_kept += int(same.sum())
+        n_random += int(((tokens[picked] != tok.mask_id) & ~same).sum())
+    assert abs(n_picked / n_eligible - 0.2) < 0.01
+    assert abs(n_masked / n_picked - 0.8) < 0.02
+    # a random replacement can hit the original (or mask) token by chance: ~1/256 here, inside the tolerance
+    assert abs(n_random / n_picked - 0.1) < 0.015 and abs(n_kept / n_picked - 0.1) < 0.015
+    assert abs(n_causal / 400 - 0.15) < 0.05
+
+
+def test_batch_shapes_padding_and_determinism(toy, toy_corpus):
+    cfg = BatchConfig(batch_size=6, seq_len=64, sscl_len=20)
+    pairs = read_pairs(toy[1])
+    b1 = magnet_batch(toy_corpus, cfg, np.random.default_rng(5), pairs)
+    b2 = magnet_batch(toy_corpus, cfg, np.random.default_rng(5), pairs)
+    assert all((b1[k] == b2[k]).all() for k in b1)
+    assert b1["tokens"].shape == b1["roles"].shape == b1["mntp_labels"].shape == (6, 65)
+    pad = b1["roles"] == PAD
+    assert (b1["mntp_labels"][pad] == IGNORE).all() and (b1["msg_labels"][pad] == IGNORE).all()
+    st, sr, last = b1["sscl_tokens"], b1["sscl_roles"], b1["sscl_last"]
+    assert st.shape[0] == 12 and (st[:, 0] == toy[2].bos_id).all()
+    assert (st[range(12), last] == toy[2].eos_id).all() and (sr[range(12), last] == CONTEXT).all()
+    assert ((sr == CONTEXT) | (sr == PAD)).all()
+    # without pairs, views B and C are the same text (SimCSE)
+    b3 = magnet_batch(toy_corpus, cfg, np.random.default_rng(5))
+    assert (b3["sscl_tokens"][:6] == b3["sscl_tokens"][6:]).all()
+
+
+def test_toy_world_blanks_are_determined_by_the_right_context_only():
+    blanks = data.toy_blanks(300, seed=7)
+    answers = [a for _, a, _ in blanks]
+    assert set(answers) == set(data.OBJECTS)  # all objects occur: chance from the left is 1/8
+    for left, answer, right in blanks:
+        assert answer not in left and right.startswith(" ") and f"The {answer} was" in right
+    assert data.toy_blanks(5, seed=7) == blanks[:5]  # deterministic
+
+
+def test_toy_pairs_scores_and_heldout_split():
+    test = data.toy_pairs(200, seed=1, split="test")
+    train = data.toy_pairs(200, seed=1, split="train")
+    assert {s for _, _, s in test} == {0.0, 1.25, 2.5, 3.75, 5.0}
+    assert all(a != b for a, b, _ in test)  # a paraphrase is a different surface form
+    test_sentences = {a for a, _, _ in test}
+    assert not test_sentences & {a for a, _, _ in train}
+
+
+def test_toy_tags_are_contextual_where_the_lexicon_is_ambiguous():
+    assert data.tag_words("The drum was light/ADJ and it gave a warm light.")[1] == \
+        ["DET", "NOUN", "VERB", "ADJ", "OTHER", "PRON", "VERB", "DET", "ADJ", "NOUN", "PUNCT"]
+    for s in data.toy_tagged(50, seed=0):
+        assert len(s["words"]) == len(s["pos"]) and "/" not in "".join(s["words"])
+
+
+def test_corpus_cache_and_split(toy, tmp_path):
+    corpus_path, _, tok = toy
+    train = data.TextCorpus(corpus_path, tok, cache_dir=tmp_path)
+    cached = list(tmp_path.glob("*.tokens.npz"))
+    assert len(cached) == 1
+    val = data.TextCorpus(corpus_path, tok, split="val", cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.tokens.npz"))) == 1  # reused, not re-tokenized
+    assert len(train.starts) + len(val.starts) == 600 and len(val.starts) == 30
+    assert val.starts.min() > train.starts.max()
+    assert tok.decode(train.tokens[train.starts[0]:train.ends[0]]) == data.read_paragraphs(corpus_path)[0]
+    changed = tmp_path / "changed.txt"
+    changed.write_text("Mia found a kite.\n\nTom found a ball.\n")
+    data.TextCorpus(changed, tok, cache_dir=tmp_path, val_fraction=0.5)
+    assert len(list(tmp_path.glob("*.tokens.npz"))) == 2  # other source -> other cache
+
+
+def test_clear_errors(tmp_path, toy):
+    bad = tmp_path / "pairs.tsv"
+    bad.write_text("a\tb\nonly one field\n")
+    with pytest.raises(ValueError, match=r"pairs\.tsv, line 2: expected 'text<TAB>positive'"):
+        read_pairs(bad)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(ValueError, match="has no text"):
+        data.TextCorpus(empty, toy[2], cache_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match="corpus file not found"):
+        data.TextCorpus(tmp_path / "missing.txt", toy[2], cache_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match="tokenizer not found"):
+        data.Tokenizer(tmp_path / "missing.model")
+    sts = tmp_path / "sts.csv"
+    sts.write_text("g\tf\t2012\t0001\t4.0\tA man.\tA person.\ng\tf\t2012\t0002\tnot-a-number\tA.\tB.\n")
+    with pytest.raises(ValueError, match=r"sts\.csv, line 2"):
+        data.read_sts(sts)
+    conll = tmp_path / "c.txt"
+    conll.write_text("EU NNP B-NP B-ORG\nrejects VBZ B-VP\n")
+    with pytest.raises(ValueError, match=r"c\.txt, line 2: expected 4 columns"):
+        data.read_conll(conll)
+
+
+def test_real_readers_and_llama2_mask_token():
+    assert len(data.read_sts(shared_file("data/stsb/sts-dev.csv"))) == 1500
+    assert len(data.read_conll(shared_file("data/conll2003/valid.txt"))) == 3250
+    tok = data.Tokenizer(shared_file("assets/llama2-tokenizer/tokenizer.model"))
+    assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.mask_id) == (32000, 1, 2, 29918)
+    assert data.Tokenizer(shared_file("assets/stories260K/tok512.model")).mask_id == 0  # no "_": unk
