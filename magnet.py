@@ -47,7 +47,8 @@ class Magnet:
         out = {}
         if self.weights["mntp"] or self.weights["msg"]:
             logits = self.model(b["tokens"], b["roles"])  # (B, T, V)
-            out["mntp"], out["msg"] = mntp_loss(logits, b["mntp_labels"]), msg_loss(logits, b["msg_labels"])
+            out["mntp"] = mntp_loss(logits, b["mntp_labels"], b.get("mntp_count"))
+            out["msg"] = msg_loss(logits, b["msg_labels"], b.get("msg_count"))
         if self.weights["sscl"]:
             hidden = self.model(b["sscl_tokens"], b["sscl_roles"], compute_logits=False)  # (2B, T', dim)
             z_b, z_c = pool(hidden, b["sscl_roles"], b["sscl_last"], self.pooling).chunk(2)  # (B, dim) each

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from attention import BACKENDS, CONTEXT, PAD, SPAN, attend, plan_attention
 
@@ -200,6 +201,7 @@ class Transformer(nn.Module):
         if args.attn_backend not in BACKENDS:
             raise ValueError(f"attn_backend={args.attn_backend!r}: expected one of {BACKENDS}")
         self.args = args
+        self.checkpoint_activations = False  # recompute each block in backward instead of storing its activations
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
@@ -233,7 +235,10 @@ class Transformer(nn.Module):
         rope = rope_angles(positions, self.args.head_dim, self.args.rope_theta)
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:
-            h = layer(h, rope, mask, is_causal, self.args.attn_backend, cache)
+            if self.checkpoint_activations and self.training:  # non-reentrant; dropout RNG is replayed exactly
+                h = checkpoint(layer, h, rope, mask, is_causal, self.args.attn_backend, use_reentrant=False)
+            else:
+                h = layer(h, rope, mask, is_causal, self.args.attn_backend, cache)
         if cache is not None:
             cache.length += T
         h = self.norm(h)

@@ -16,21 +16,22 @@ from attention import PAD
 from data import IGNORE
 
 
-def _token_mean_ce(logits, labels):
-    """Mean cross-entropy over positions whose label is not IGNORE; 0 (with a graph) when there are none."""
-    if not bool((labels != IGNORE).any()):
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
+def _token_mean_ce(logits, labels, count=None):
+    """Cross-entropy summed over positions whose label is not IGNORE, divided by `count` (default: their number;
+    data-parallel training passes the global count so every rank's share adds up to the global mean)."""
+    total = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+    n = count if count is not None else (labels != IGNORE).sum().clamp(min=1)
+    return total / n
 
 
-def mntp_loss(logits, mntp_labels):
+def mntp_loss(logits, mntp_labels, count=None):
     """Masked next-token prediction. logits: (B, T, V) of view A; mntp_labels: (B, T), token t stored at t-1."""
-    return _token_mean_ce(logits, mntp_labels)
+    return _token_mean_ce(logits, mntp_labels, count)
 
 
-def msg_loss(logits, msg_labels):
+def msg_loss(logits, msg_labels, count=None):
     """Missing-span generation, from the same logits as MNTP. msg_labels: (B, T), span token t stored at t-1."""
-    return _token_mean_ce(logits, msg_labels)
+    return _token_mean_ce(logits, msg_labels, count)
 
 
 def pool(hidden, roles, last_index, pooling="last"):

@@ -1,0 +1,432 @@
+"""Train MAGNET: one script from a laptop demo to Llama-2-7B on many GPUs.
+
+    python train.py                                   # the toy world on a CPU (config/toy.py's defaults)
+    python train.py config/stories260k.py --max_iters=200
+    torchrun --standalone --nproc_per_node=8 train.py config/llama2_7b.py --data=wiki.train.raw
+
+Without RANK in the environment it runs as one process; under torchrun it shards the model with FSDP2 (nccl on
+CUDA, gloo on CPU). Every rank builds the global batch of a step from (seed, step) and keeps its own slice, and
+the token-mean losses are normalised by the global target count, so N processes follow the same loss curve as
+one process with the same global batch. Checkpoints hold the trainable state and the optimizer; the data position
+and the random streams are functions of the step, so resuming replays the uninterrupted run exactly.
+"""
+import ast
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import data
+from data import IGNORE, BatchConfig, TextCorpus, Tokenizer
+from magnet import Magnet
+from model import (CheckpointError, ModelArgs, Transformer, apply_lora, load_checkpoint, save_adapter,
+                   save_checkpoint)
+
+
+@dataclass
+class Config:
+    out_dir: str = "out"
+    init_from: str = "scratch"  # a base checkpoint (Meta directory or llama2.c .bin), or "scratch"
+    pretrain_iters: int = 1000  # with init_from=scratch and lora: first train a causal base for this many steps
+    tokenizer: str = ""  # "" = the base directory's tokenizer.model, or the toy world's
+    data: str = "toy"  # "toy" (the built-in toy world) or text file(s), comma-separated
+    pairs: str = ""  # optional TSV of (text, paraphrase) for SSCL positives
+    cache_dir: str = ".cache"  # tokenized corpora
+    # a model from scratch
+    dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 0  # 0 = n_heads
+    multiple_of: int = 32
+    max_seq_len: int = 256
+    attn_backend: str = "sdpa"
+    # LoRA (False = train every parameter, as in pretraining)
+    lora: bool = True
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.05
+    # the MAGNET batch (data.BatchConfig) and objectives
+    batch_size: int = 16  # global, over all ranks
+    seq_len: int = 128
+    max_spans: int = 3
+    span_min: int = 8
+    span_max: int = 32
+    p_causal: float = 0.1
+    mntp_rate: float = 0.2
+    sscl_len: int = 48
+    instruction: str = ""
+    w_mntp: float = 1.0
+    w_msg: float = 1.0
+    w_sscl: float = 1.0
+    temperature: float = 0.05
+    pooling: str = "last"
+    # optimisation
+    max_iters: int = 400
+    grad_accum: int = 1
+    lr: float = 2e-3
+    min_lr: float = 2e-4
+    warmup_iters: int = 20
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    # system
+    device: str = "auto"  # auto = cuda if available
+    activation_checkpointing: bool = False
+    seed: int = 0
+    ckpt_interval: int = 100
+    resume: bool = False
+    overwrite: bool = False
+    demo: bool = True
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def parse_config(argv):
+    """Config defaults, then a config file (simple `key = literal` lines, never executed), then --key=value."""
+    cfg, types = Config(), {f.name: type(f.default) for f in fields(Config)}
+
+    def set_key(key, value, where):
+        if key not in types:
+            raise ConfigError(f"{where}: unknown key {key!r}; valid keys: {', '.join(types)}")
+        t = types[key]
+        if isinstance(value, str) and t is not str:
+            try:
+                value = {"true": True, "false": False}[value.lower()] if t is bool else t(value)
+            except (KeyError, ValueError):
+                raise ConfigError(f"{where}: {key} expects {t.__name__}, got {value!r}") from None
+        if t is float and type(value) is int:
+            value = float(value)
+        if type(value) is not t:
+            raise ConfigError(f"{where}: {key} expects {t.__name__}, got {value!r}")
+        setattr(cfg, key, value)
+
+    for arg in argv:
+        if arg.startswith("--"):
+            key, eq, value = arg[2:].partition("=")
+            if not eq:
+                raise ConfigError(f"{arg}: expected --key=value")
+            set_key(key, value, arg)
+            continue
+        path = Path(arg)
+        if not path.is_file():
+            raise ConfigError(f"{arg}: config file not found")
+        for node in ast.parse(path.read_text(), filename=arg).body:
+            if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):  # a docstring
+                continue
+            try:
+                assert isinstance(node, ast.Assign) and len(node.targets) == 1
+                set_key(node.targets[0].id, ast.literal_eval(node.value), f"{arg}, line {node.lineno}")
+            except (AssertionError, AttributeError, ValueError) as e:
+                if isinstance(e, ConfigError):
+                    raise
+                raise ConfigError(f"{arg}, line {node.lineno}: expected `key = literal`") from None
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Setup: distributed, data, model
+
+def setup_distributed(cfg):
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device(device)
+    dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        return dist.get_rank(), dist.get_world_size(), torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return dist.get_rank(), dist.get_world_size(), torch.device(device)
+
+
+def setup_data(cfg, out):
+    """The tokenizer, the training corpus and optional SSCL pairs (all checked before anything is written)."""
+    if cfg.data == "toy":
+        corpus_path, pairs_path, tok = data.write_toy_world(out / "toy", seed=cfg.seed)
+        pairs_path = cfg.pairs or pairs_path
+    else:
+        corpus_path, pairs_path = [Path(p) for p in cfg.data.split(",")], cfg.pairs
+        tok_path = cfg.tokenizer or Path(cfg.init_from) / "tokenizer.model"
+        if not Path(tok_path).is_file():
+            raise ConfigError(f"tokenizer {tok_path} not found; set --tokenizer=PATH")
+        tok = Tokenizer(tok_path)
+    if cfg.data == "toy" and cfg.tokenizer:
+        tok = Tokenizer(cfg.tokenizer)
+    corpus = TextCorpus(corpus_path, tok, cache_dir=cfg.cache_dir)
+    return tok, corpus, data.read_pairs(pairs_path) if pairs_path else None
+
+
+def build_model(cfg, tok):
+    """The full model on the CPU (rank 0 only, in real memory), LoRA applied, seeded: the one initial state."""
+    torch.manual_seed(cfg.seed)
+    dtype = torch.bfloat16 if torch.cuda.is_available() and cfg.device != "cpu" else torch.float32
+    if cfg.init_from == "scratch":
+        args = ModelArgs(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads or None,
+                         vocab_size=tok.vocab_size, multiple_of=cfg.multiple_of, max_seq_len=cfg.max_seq_len)
+        model = Transformer(args).to(dtype)
+    else:
+        model = load_checkpoint(cfg.init_from, dtype=dtype, vocab_size=tok.vocab_size)
+    model.args.attn_backend, model.args.dropout = cfg.attn_backend, 0.0
+    if cfg.seq_len + 1 > model.args.max_seq_len:
+        raise ConfigError(f"seq_len={cfg.seq_len} (+ BOS) is beyond the model's max_seq_len={model.args.max_seq_len}")
+    if cfg.lora:
+        apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+        for m in model.modules():  # adapters train in fp32 even when the base is bf16
+            if hasattr(m, "lora_A"):
+                m.lora_A.data, m.lora_B.data = m.lora_A.data.float(), m.lora_B.data.float()
+    return model
+
+
+def shard(model_or_none, args, lora_config, cfg, rank, device):
+    """FSDP2: build an empty copy on the meta device, shard it per block and at the root, then let rank 0's full
+    state dict be broadcast into the shards (so a 7B base is in host memory once, not once per rank)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    with torch.device("meta"):
+        sharded = Transformer(args)
+        if lora_config:
+            apply_lora(sharded, **lora_config)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" \
+        else MixedPrecisionPolicy()
+    for block in sharded.layers:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(sharded, mp_policy=mp)
+    sharded.to_empty(device=device)
+    if args.tie_embeddings:
+        sharded.output.weight = sharded.tok_embeddings.weight
+    full = model_or_none.state_dict() if rank == 0 else {}
+    set_model_state_dict(sharded, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return sharded
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One step
+
+def lr_at(step, cfg):
+    """Linear warmup to lr, then cosine decay to min_lr at max_iters."""
+    if step < cfg.warmup_iters:
+        return cfg.lr * (step + 1) / cfg.warmup_iters
+    progress = min(1.0, (step - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters))
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def local_slice(batch, rank, world):
+    """This rank's rows of a global batch; views B and C are sliced alike (so gathered negatives are global)."""
+    n = batch["tokens"].shape[0] // world
+    b, c = batch["sscl_tokens"].chunk(2), batch["sscl_roles"].chunk(2)
+    last = batch["sscl_last"].chunk(2)
+    rows = slice(rank * n, (rank + 1) * n)
+    return dict({k: batch[k][rows] for k in ("tokens", "roles", "mntp_labels", "msg_labels")},
+                sscl_tokens=torch.cat([b[0][rows], b[1][rows]]), sscl_roles=torch.cat([c[0][rows], c[1][rows]]),
+                sscl_last=torch.cat([last[0][rows], last[1][rows]]))
+
+
+def train_step(magnet, opt, corpus, pairs, bcfg, cfg, step, rank, world):
+    """Forward/backward over grad_accum micro-batches, clip, update. Returns the step's losses (global means)."""
+    torch.manual_seed(cfg.seed * 1_000_003 + step * 1009 + rank)  # dropout noise: a function of (seed, step, rank)
+    micro = [data.magnet_batch(corpus, bcfg, np.random.default_rng([cfg.seed, step, i]), pairs)
+             for i in range(cfg.grad_accum)]
+    counts = {k: sum(int((b[f"{k}_labels"] != IGNORE).sum()) for b in micro) for k in ("mntp", "msg")}
+    sums = {}
+    for b in micro:
+        local = local_slice(b, rank, world)
+        # token losses: this rank's sum of cross-entropies / (global count / world), so that FSDP's average of
+        # the ranks' gradients is the gradient of the global token mean; SSCL is a mean per micro-batch
+        local.update({f"{k}_count": torch.tensor(max(1, counts[k]) / world) for k in counts})
+        losses = magnet.losses(local)
+        del losses["total"]
+        per_step = {k: v / cfg.grad_accum if k == "sscl" else v for k, v in losses.items()}
+        sum(magnet.weights[k] * v for k, v in per_step.items()).backward()
+        for k, v in per_step.items():
+            sums[k] = sums.get(k, 0.0) + v.detach().float()
+    norm = torch.nn.utils.clip_grad_norm_([p for p in magnet.model.parameters() if p.requires_grad], cfg.grad_clip)
+    for g in opt.param_groups:
+        g["lr"] = lr_at(step, cfg)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    values = torch.stack(list(sums.values()))
+    if world > 1:
+        dist.all_reduce(values)
+        values /= world
+    out = dict(zip(sums, values.tolist()))
+    out["total"] = sum(magnet.weights[k] * v for k, v in out.items())
+    out["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    return out, sum(int((b["roles"] != 0).sum() + (b["sscl_roles"] != 0).sum()) for b in micro)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints (distributed checkpoint of the trainable state + optimizer) and exports
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def save_state(out, model, opt, step, rank):
+    """DCP to ckpt.tmp, then swap it in: a crash at any moment leaves ckpt (or ckpt.old) complete and loadable."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    msd, osd = get_state_dict(model, opt, options=StateDictOptions(ignore_frozen_params=True))
+    tmp, final, old = out / "ckpt.tmp", out / "ckpt", out / "ckpt.old"
+    if rank == 0 and tmp.exists():
+        shutil.rmtree(tmp)
+    barrier()
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process: fine
+    dcp.save({"model": msd, "optim": osd, "step": step}, checkpoint_id=tmp)
+    barrier()
+    if rank == 0:
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    barrier()
+
+
+def load_state(out, model, opt):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+    path = next((p for p in (out / "ckpt", out / "ckpt.old") if (p / ".metadata").exists()), None)
+    if path is None:
+        raise ConfigError(f"--resume: no checkpoint in {out} (expected {out / 'ckpt'})")
+    options = StateDictOptions(ignore_frozen_params=True)
+    msd, osd = get_state_dict(model, opt, options=options)
+    state = {"model": msd, "optim": osd, "step": 0}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options)
+    return state["step"]
+
+
+def export(out, model, full_model, tok, cfg, rank, world):
+    """Adapter-only file and merged Meta-format checkpoint (with the tokenizer), written by rank 0."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    if world > 1:
+        trained = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                         ignore_frozen_params=True))
+    if rank == 0:
+        if world > 1:
+            full_model.load_state_dict(trained, strict=False)
+        else:
+            full_model = model
+        if cfg.lora:
+            save_adapter(full_model, out / "adapter.pt", overwrite=True)
+        save_checkpoint(full_model, out / "merged", overwrite=True)
+        shutil.copyfile(tok.path, out / "merged" / "tokenizer.model")
+    barrier()
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def demo(out, seed):
+    """Show the two things MAGNET adds, on held-out toy-world data."""
+    m = Magnet.load(out / "merged", out / "merged" / "tokenizer.model")
+    left, answer, right = data.toy_blanks(1, seed + 1)[0]
+    fill = m.infill(left, right, len(m.tok.encode(answer)))
+    print(f"\ninfill (only the right context names the object; answer: {answer}):\n  {left} [{fill}]{right}")
+    pairs = data.toy_pairs(40, seed + 1, "test")
+    query, positive = next((a, b) for a, b, s in pairs if s == 5.0)
+    candidates = [positive] + [b for _, b, s in pairs if s == 0.0][:4]
+    vectors = torch.nn.functional.normalize(m.encode([query] + candidates), dim=-1)
+    scores = (vectors[1:] @ vectors[0]).tolist()
+    print(f"cosine similarity to {query!r} (its paraphrase: {positive!r}):")
+    for s, c in sorted(zip(scores, candidates), reverse=True):
+        print(f"  {s:+.3f}  {c}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run
+
+def run(cfg, rank, world, device):
+    out = Path(cfg.out_dir)
+    if (out / "log.jsonl").exists() and not (cfg.resume or cfg.overwrite):
+        raise ConfigError(f"{out} already holds a run; pass --resume=true to continue it, --overwrite=true to "
+                          "start over, or another --out_dir")
+    if cfg.batch_size % world:
+        raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by the {world} processes")
+    if cfg.init_from == "scratch" and cfg.lora and cfg.pretrain_iters > 0:
+        base = out / "base"  # phase 1: a causal base model, fully trained, then LoRA-adapted with MAGNET
+        if not (base / "merged" / "params.json").exists():
+            run(Config(**{**asdict(cfg), **dict(out_dir=str(base), lora=False, p_causal=1.0, w_mntp=0.0,
+                                                w_sscl=0.0, max_iters=cfg.pretrain_iters, pretrain_iters=0,
+                                                demo=False)}), rank, world, device)
+        cfg = Config(**{**asdict(cfg), "init_from": str(base / "merged")})
+    if cfg.init_from != "scratch" and not Path(cfg.init_from).exists():
+        raise ConfigError(f"init_from={cfg.init_from}: no such checkpoint")
+    tok, corpus, pairs = setup_data(cfg, out)
+    full, error = None, None
+    if rank == 0:
+        try:
+            full = build_model(cfg, tok)
+        except (ConfigError, CheckpointError) as e:
+            error = e
+    shared = [(full.args, getattr(full, "lora_config", None)) if full else None, error]
+    if world > 1:
+        dist.broadcast_object_list(shared, src=0)
+    if shared[1] is not None:
+        raise shared[1]
+    model = shard(full, *shared[0], cfg, rank, device) if world > 1 else full.to(device)
+    model.checkpoint_activations = cfg.activation_checkpointing
+    magnet = Magnet(model.train(), tok, cfg.w_mntp, cfg.w_msg, cfg.w_sscl, cfg.temperature, cfg.pooling,
+                    cfg.instruction)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
+    bcfg = BatchConfig(**{f.name: getattr(cfg, f.name) for f in fields(BatchConfig)})
+    bcfg.batch_size = cfg.batch_size
+    start = load_state(out, model, opt) if cfg.resume and (out / "log.jsonl").exists() else 0
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        log = open(out / "log.jsonl", "a" if start else "w")
+    bar = tqdm(range(start, cfg.max_iters), initial=start, total=cfg.max_iters, disable=rank != 0,
+               desc=out.name, dynamic_ncols=True)
+    for step in bar:
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda" and world == 1):
+            losses, tokens = train_step(magnet, opt, corpus, pairs, bcfg, cfg, step, rank, world)
+        if not all(math.isfinite(v) for v in losses.values()):
+            raise TrainingError(f"the loss is not finite at step {step} ({losses}); stopping. The last good "
+                                f"checkpoint is in {out / 'ckpt'} (resume with --resume=true and a lower --lr)")
+        if rank == 0:
+            record = dict(step=step, lr=lr_at(step, cfg), tokens_per_s=tokens / (time.perf_counter() - t0), **losses)
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items() if k in ("mntp", "msg", "sscl")},
+                            tok_s=f"{record['tokens_per_s']:.0f}")
+        if (step + 1) % cfg.ckpt_interval == 0 or step + 1 == cfg.max_iters:
+            save_state(out, model, opt, step + 1, rank)
+    export(out, model, full, tok, cfg, rank, world)
+    if rank == 0:
+        log.close()
+        print(f"wrote {out / 'merged'} (Meta format + tokenizer)" + (f" and {out / 'adapter.pt'}" if cfg.lora else ""))
+        if cfg.demo and cfg.data == "toy":
+            demo(out, cfg.seed)
+
+
+def main(argv):
+    try:
+        cfg = parse_config(argv)
+        rank, world, device = setup_distributed(cfg)
+        try:
+            run(cfg, rank, world, device)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    except (ConfigError, CheckpointError, TrainingError, FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
