@@ -56,7 +56,7 @@ class Config:
     lora_alpha: float = 32.0
     lora_dropout: float = 0.05
     # the MAGNET batch (data.BatchConfig) and objectives
-    batch_size: int = 16  # global, over all ranks
+    batch_size: int = 16  # rows per micro-step, over all ranks; a step sees batch_size * grad_accum rows
     seq_len: int = 128
     max_spans: int = 3
     span_min: int = 8
@@ -84,6 +84,7 @@ class Config:
     seed: int = 0
     ckpt_interval: int = 100
     resume: bool = False
+    stop_at: int = 0  # stop (checkpointed) after this many steps, to resume later; 0 = run to max_iters
     overwrite: bool = False
     demo: bool = True
 
@@ -297,11 +298,11 @@ def load_state(out, model, opt):
     path = next((p for p in (out / "ckpt", out / "ckpt.old") if (p / ".metadata").exists()), None)
     if path is None:
         raise ConfigError(f"--resume: no checkpoint in {out} (expected {out / 'ckpt'})")
-    options = StateDictOptions(ignore_frozen_params=True)
-    msd, osd = get_state_dict(model, opt, options=options)
+    msd, osd = get_state_dict(model, opt, options=StateDictOptions(ignore_frozen_params=True))
     state = {"model": msd, "optim": osd, "step": 0}
-    dcp.load(state, checkpoint_id=path)
-    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options)
+    dcp.load(state, checkpoint_id=path)  # every trainable key must be in the checkpoint
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=StateDictOptions(strict=False))  # the frozen base is not in it: it comes from init_from
     return state["step"]
 
 
@@ -382,12 +383,14 @@ def run(cfg, rank, world, device):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
     bcfg = BatchConfig(**{f.name: getattr(cfg, f.name) for f in fields(BatchConfig)})
-    bcfg.batch_size = cfg.batch_size
     start = load_state(out, model, opt) if cfg.resume and (out / "log.jsonl").exists() else 0
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-        log = open(out / "log.jsonl", "a" if start else "w")
+        kept = [r for r in (out / "log.jsonl").read_text().splitlines() if json.loads(r)["step"] < start] \
+            if start else []  # steps logged after the checkpoint we resume from are run again
+        log = open(out / "log.jsonl", "w")
+        log.write("".join(r + "\n" for r in kept))
     bar = tqdm(range(start, cfg.max_iters), initial=start, total=cfg.max_iters, disable=rank != 0,
                desc=out.name, dynamic_ncols=True)
     for step in bar:
@@ -403,11 +406,18 @@ def run(cfg, rank, world, device):
             log.flush()
             bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items() if k in ("mntp", "msg", "sscl")},
                             tok_s=f"{record['tokens_per_s']:.0f}")
-        if (step + 1) % cfg.ckpt_interval == 0 or step + 1 == cfg.max_iters:
+        if (step + 1) % cfg.ckpt_interval == 0 or step + 1 in (cfg.max_iters, cfg.stop_at):
             save_state(out, model, opt, step + 1, rank)
-    export(out, model, full, tok, cfg, rank, world)
+        if step + 1 == cfg.stop_at:
+            break
     if rank == 0:
         log.close()
+    if cfg.stop_at and cfg.stop_at < cfg.max_iters:
+        if rank == 0:
+            print(f"stopped after step {cfg.stop_at} (stop_at); continue with --resume=true")
+        return
+    export(out, model, full, tok, cfg, rank, world)
+    if rank == 0:
         print(f"wrote {out / 'merged'} (Meta format + tokenizer)" + (f" and {out / 'adapter.pt'}" if cfg.lora else ""))
         if cfg.demo and cfg.data == "toy":
             demo(out, cfg.seed)

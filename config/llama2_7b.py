@@ -1,0 +1,23 @@
+"""Paper scale (DESIGN §7): Llama-2-7B + MAGNET with LoRA r=16 on Wikitext-103 raw text, bf16, FSDP2 over all
+GPUs, activation checkpointing. Run with
+    torchrun --standalone --nproc_per_node=8 train.py config/llama2_7b.py \
+        --init_from=/path/to/llama-2-7b --data=/path/to/wikitext-103-raw/wiki.train.raw
+The tokenizer is the checkpoint directory's tokenizer.model. batch_size is rows per micro-step over all GPUs (8 x 4);
+with grad_accum = 4 a step sees 128 rows of 513 tokens."""
+out_dir = "out-llama2-7b"
+init_from = "llama-2-7b"
+data = "wikitext-103-raw/wiki.train.raw"
+seq_len = 512
+sscl_len = 64
+batch_size = 32
+grad_accum = 4
+lora_rank = 16
+lora_alpha = 32.0
+lora_dropout = 0.05
+max_iters = 1000
+warmup_iters = 50
+lr = 2e-4
+min_lr = 2e-5
+activation_checkpointing = True
+ckpt_interval = 200
+demo = False

@@ -1,0 +1,160 @@
+"""train.py: config parsing, FSDP2 under torchrun (gloo, 2 CPU processes) against one process, exact resume,
+a crash during a checkpoint save, exports, and clear errors that overwrite nothing."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+import train
+from magnet import Magnet
+from model import ModelArgs, Transformer, load_checkpoint, save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny random base (with the toy tokenizer beside it) and a small toy corpus + paraphrase pairs."""
+    d = tmp_path_factory.mktemp("train")
+    corpus, pairs, tok = data.write_toy_world(d / "toy", n_stories=300, n_pairs=100)
+    torch.manual_seed(0)
+    base = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.vocab_size,
+                                 multiple_of=16, max_seq_len=128))
+    save_checkpoint(base, d / "base")
+    shutil.copyfile(tok.path, d / "base" / "tokenizer.model")
+    return d, [f"--init_from={d / 'base'}", f"--data={corpus}", f"--pairs={pairs}", f"--cache_dir={d / 'cache'}",
+               "--batch_size=4", "--seq_len=48", "--sscl_len=16", "--warmup_iters=2", "--lr=1e-2", "--demo=false"]
+
+
+def losses(out):
+    return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+
+
+def run_main(argv):
+    assert train.main(argv) == 0
+
+
+def test_config_file_and_overrides(tmp_path):
+    cfg_file = tmp_path / "c.py"
+    cfg_file.write_text('"""doc"""\nlr = 1e-4  # a comment\nlora = False\nmax_iters = 7\n')
+    cfg = train.parse_config([str(cfg_file), "--max_iters=9", "--instruction=Retrieve: x"])
+    assert (cfg.lr, cfg.lora, cfg.max_iters, cfg.instruction) == (1e-4, False, 9, "Retrieve: x")
+    with pytest.raises(train.ConfigError, match="unknown key 'max_iter'; valid keys: out_dir"):
+        train.parse_config(["--max_iter=3"])
+    with pytest.raises(train.ConfigError, match="lr expects float"):
+        train.parse_config(["--lr=fast"])
+    cfg_file.write_text("import os\n")
+    with pytest.raises(train.ConfigError, match=r"c\.py, line 1: expected `key = literal`"):
+        train.parse_config([str(cfg_file)])
+    for name in ("toy", "pretrain_toy", "llm2vec", "stories260k", "llama2_7b"):  # every shipped config parses
+        train.parse_config([str(ROOT / "config" / f"{name}.py")])
+
+
+def test_torchrun_two_processes_match_one_process(setup):
+    """Same global batch, LoRA dropout off: two FSDP2 ranks reproduce one process's losses (to 1e-4 relative:
+    only the order of floating-point sums differs, e.g. the gradient reduce-scatter)."""
+    d, common = setup
+    args = common + ["--max_iters=4", "--lora_dropout=0.0"]
+    run_main(args + [f"--out_dir={d / 'one'}"])
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(ROOT / "train.py")] + args + [f"--out_dir={d / 'two'}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = losses(d / "one"), losses(d / "two")
+    assert len(one) == len(two) == 4
+    for a, b in zip(one, two):
+        for k in ("mntp", "msg", "sscl", "total"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4), (a["step"], k)
+    assert one[-1]["total"] < one[0]["total"]
+    # the exports of the sharded run equal those of the single process
+    tokens = torch.randint(0, 256, (2, 20))
+    m1, m2 = load_checkpoint(d / "one" / "merged"), load_checkpoint(d / "two" / "merged")
+    assert torch.allclose(m1(tokens), m2(tokens), atol=1e-4)
+
+
+def test_resume_replays_the_uninterrupted_run(setup):
+    d, common = setup
+    run_main(common + ["--max_iters=8", f"--out_dir={d / 'straight'}"])
+    run_main(common + ["--max_iters=8", "--stop_at=4", f"--out_dir={d / 'stopped'}"])
+    assert not (d / "stopped" / "merged").exists() and len(losses(d / "stopped")) == 4
+    run_main(common + ["--max_iters=8", "--resume=true", f"--out_dir={d / 'stopped'}"])
+    straight, resumed = losses(d / "straight"), losses(d / "stopped")
+    assert [r["step"] for r in resumed] == list(range(8))
+    for a, b in zip(straight, resumed):
+        assert b["total"] == pytest.approx(a["total"], rel=1e-6, abs=1e-7)
+
+
+def test_exports_reload_and_equal_the_adapted_model(setup):
+    d, common = setup
+    run_main(common + ["--max_iters=5", f"--out_dir={d / 'exp'}"])
+    tok = d / "base" / "tokenizer.model"
+    adapted = Magnet.load(d / "base", tok, adapter=d / "exp" / "adapter.pt").model
+    merged = Magnet.load(d / "exp" / "merged", d / "exp" / "merged" / "tokenizer.model").model
+    base = load_checkpoint(d / "base")
+    tokens = torch.randint(0, 256, (2, 20))
+    assert torch.allclose(merged(tokens), adapted(tokens), atol=1e-5)
+    assert not torch.allclose(merged(tokens), base(tokens), atol=1e-4)  # training did change the model
+
+
+def test_a_crash_during_save_keeps_the_previous_checkpoint(setup, monkeypatch):
+    d, common = setup
+    out = d / "crash"
+    run_main(common + ["--max_iters=6", "--stop_at=3", f"--out_dir={out}"])
+    cfg = train.parse_config(common + [f"--out_dir={out}"])
+    tok, _, _ = train.setup_data(cfg, out)
+    model = train.build_model(cfg, tok)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    assert train.load_state(out, model, opt) == 3
+
+    def dies_halfway(state, checkpoint_id):
+        Path(checkpoint_id).mkdir(parents=True)
+        (Path(checkpoint_id) / "__0_0.distcp").write_bytes(b"partial")
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr("torch.distributed.checkpoint.save", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_state(out, model, opt, 99, rank=0)
+    monkeypatch.undo()
+    assert train.load_state(out, model, opt) == 3
+    # killed between the two renames: only ckpt.old is complete, and resume finds it
+    (out / "ckpt").rename(out / "ckpt.old")
+    assert train.load_state(out, model, opt) == 3
+    run_main(common + ["--max_iters=6", "--resume=true", f"--out_dir={out}"])
+    assert [r["step"] for r in losses(out)] == list(range(6))
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--data=/nowhere/corpus.txt"], "corpus file not found"),
+    (["--data={empty}"], "has no text"),
+    (["--seq_len=5000"], "beyond the model's max_seq_len=4096"),
+    (["--tokenizer={other_tok}"], "vocabulary has 256 tokens but the tokenizer's has 512"),
+    (["--bogus=1"], "unknown key 'bogus'"),
+    (["--init_from=/nowhere/base"], "no such checkpoint"),
+])
+def test_bad_input_exits_nonzero_with_a_clear_error(setup, capsys, bad, message):
+    d, common = setup
+    (d / "empty.txt").write_text("\n\n")
+    other_tok = data.train_tokenizer(data.toy_stories(300, 0), d / "tok512.model", 512).path
+    out = d / "bad-run"
+    bad = [b.format(empty=d / "empty.txt", other_tok=other_tok) for b in bad]
+    assert train.main(common + bad + [f"--out_dir={out}"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert not (out / "log.jsonl").exists() and not (out / "merged").exists()
+
+
+def test_an_existing_run_is_never_overwritten(setup, capsys):
+    d, common = setup
+    out = d / "kept"
+    run_main(common + ["--max_iters=2", f"--out_dir={out}"])
+    before = (out / "log.jsonl").read_text()
+    assert train.main(common + ["--max_iters=2", f"--out_dir={out}"]) == 1
+    assert "already holds a run" in capsys.readouterr().err
+    assert (out / "log.jsonl").read_text() == before
