@@ -117,7 +117,8 @@ def model():
     load_checkpoint = pytest.importorskip("model").load_checkpoint
     m = load_checkpoint(str(BIN))
     m.eval()
-    torch.set_grad_enabled(False)
+    for p in m.parameters():  # inference only (no global grad switch: it would leak into other tests)
+        p.requires_grad_(False)
     return m
 
 
