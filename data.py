@@ -258,7 +258,7 @@ def read_conll(path):
     """CoNLL-2003 columns (word POS chunk NER), blank line between sentences, -DOCSTART- lines skipped.
     Returns a list of sentences, each a dict of equal-length lists: words, pos, chunk, ner."""
     sentences, current = [], []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines() + [""], 1):
         if not line.strip() or line.startswith("-DOCSTART-"):
             if current:
                 sentences.append({k: [c[i] for c in current] for i, k in enumerate(("words", "pos", "chunk", "ner"))})
@@ -268,8 +268,6 @@ def read_conll(path):
         if len(cols) != 4:
             raise ValueError(f"{path}, line {n}: expected 4 columns (word POS chunk NER), got {line[:80]!r}")
         current.append(cols)
-    if current:
-        sentences.append({k: [c[i] for c in current] for i, k in enumerate(("words", "pos", "chunk", "ner"))})
     if not sentences:
         raise ValueError(f"{path}: no sentences")
     return sentences
@@ -383,6 +381,19 @@ def toy_pairs(n, seed, split):
 
 def random_frame_values(slot):
     return [NAMES, range(len(VERBS)), list(OBJECTS), PLACES][slot]
+
+
+def toy_multiple_choice(n, seed):
+    """{"context", "choices", "label"} items: which property does the object named in the context have?"""
+    rng, items = random.Random(seed), []
+    for _ in range(n):
+        name, obj, place = rng.choice(NAMES), rng.choice(list(OBJECTS)), rng.choice(PLACES)
+        context = f"{name} found a {obj} {place}. The {obj} was {plain(rng.choice(ADJECTIVES))} and"
+        choices = [f" {fact}." for fact in rng.sample(list(OBJECTS.values()), 4)]
+        if f" {OBJECTS[obj]}." not in choices:
+            choices[rng.randrange(4)] = f" {OBJECTS[obj]}."
+        items.append(dict(context=context, choices=choices, label=choices.index(f" {OBJECTS[obj]}.")))
+    return items
 
 
 def toy_tagged(n, seed):

@@ -1,0 +1,382 @@
+"""Evaluate checkpoints side by side on the paper's suites (DESIGN §8):
+
+    python eval.py --suite=ppl,infill,repetition,sts,token,mc --ckpt=base=out/base/merged \
+                   --ckpt=magnet=out/merged --limit=200 --out=results.json
+
+A --ckpt is [name=]PATH, where PATH is a Meta directory, a llama2.c .bin, or BASE::ADAPTER (a base plus a LoRA
+adapter file). Every suite reads its data by path; the defaults ("toy") are the built-in toy world's held-out
+splits, so everything runs on a fresh machine. Results go to one JSON file (with each data file's size and hash,
+the checkpoints and the settings) and a markdown table with one column per checkpoint.
+
+  ppl         causal perplexity of held-out text (knowledge retention)
+  infill      perplexity of an n-token gap read from both sides (hybrid mask) vs. from the left only (causal);
+              exact match on toy-world blanks that only the right context determines
+  repetition  greedy continuations of held-out prefixes: rep-2/3/4 and rep-sen
+  sts         Spearman x100 between cosine similarity of sentence vectors and gold scores (nothing trained)
+  token       linear probe on frozen token features: POS / chunk / NER accuracy and entity F1 (or toy tags)
+  mc          multiple choice by summed and length-normalised log-likelihood
+"""
+import hashlib
+import json
+import re
+import sys
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+from attention import CONTEXT, PAD, SPAN
+from data import IGNORE, TextCorpus, pad_rows
+from magnet import Magnet
+from model import CheckpointError
+
+SUITES = ("ppl", "infill", "repetition", "sts", "token", "mc")
+
+
+@dataclass
+class EvalConfig:
+    suite: str = ",".join(SUITES)
+    tokenizer: str = ""  # "" = tokenizer.model beside the (base) checkpoint
+    text_data: str = "toy"  # held-out text for ppl / infill / repetition (a text file: its last 5% of paragraphs)
+    sts_data: str = "toy"  # STS-B layout TSV
+    token_data: str = "toy"  # a directory with CoNLL-2003 train.txt, valid.txt, test.txt
+    mc_data: str = "toy"  # JSONL: {"context", "choices", "label"}
+    limit: int = 200  # examples per suite (0 = all)
+    seed: int = 0
+    max_len: int = 256  # tokens per held-out passage
+    gap: int = 8  # infill gap length in tokens
+    prefix_len: int = 32  # repetition: prompt tokens
+    cont_len: int = 96  # repetition: generated tokens
+    pooling: str = "last"
+    out: str = "eval.json"
+    keep_going: bool = False
+
+
+class EvalError(ValueError):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics (each checked against hand-computed values in tests/test_eval.py)
+
+def rep_n(tokens, n):
+    """1 - unique n-grams / n-grams of one continuation (None when it has no n-gram)."""
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return 1 - len(set(grams)) / len(grams) if grams else None
+
+
+def rep_sen(text):
+    """Fraction of sentences that repeat an earlier sentence of the same text (None when it has none)."""
+    sentences = [s.strip().lower() for s in re.split(r"(?<=[.!?])\s+", text) if s.strip()]
+    return sum(s in sentences[:i] for i, s in enumerate(sentences)) / len(sentences) if sentences else None
+
+
+def ranks(x):
+    """Ranks 1..n, ties sharing their average rank."""
+    x = np.asarray(x, dtype=np.float64)
+    order = np.argsort(x, kind="stable")
+    r = np.empty(len(x))
+    r[order] = np.arange(1, len(x) + 1)
+    for v in np.unique(x):
+        r[x == v] = r[x == v].mean()
+    return r
+
+
+def spearman(x, y):
+    rx, ry = ranks(x), ranks(y)
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def entities(tags):
+    """Entity spans (type, start, end) of an IOB2 tag sequence; an I- without a matching B- starts a new entity."""
+    spans, start, kind = set(), None, None
+    for i, tag in enumerate(list(tags) + ["O"]):
+        if start is not None and not (tag.startswith("I-") and tag[2:] == kind):
+            spans.add((kind, start, i))
+            start = None
+        if tag.startswith("B-") or (tag.startswith("I-") and start is None):
+            start, kind = i, tag[2:]
+    return spans
+
+
+def entity_f1(gold_sentences, pred_sentences):
+    gold = {(i,) + s for i, g in enumerate(gold_sentences) for s in entities(g)}
+    pred = {(i,) + s for i, p in enumerate(pred_sentences) for s in entities(p)}
+    hit = len(gold & pred)
+    return 2 * hit / (len(gold) + len(pred)) if gold or pred else 1.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shared pieces
+
+def row_nll(m: Magnet, rows, batch_size=16):
+    """rows: (tokens, roles, labels) lists, label[t-1] = target token t or IGNORE. Returns per-row (NLL sum, count)."""
+    out = []
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        tokens, roles, labels = (pad_rows([np.array(r[j]) for r in chunk], fill).to(m.device)
+                                 for j, fill in ((0, m.tok.pad_id), (1, PAD), (2, IGNORE)))
+        with torch.no_grad():
+            logits = m.model(tokens, roles)
+        nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")  # (B, T)
+        out += list(zip(nll.sum(1).tolist(), (labels != IGNORE).sum(1).tolist()))
+    return out
+
+
+def causal_row(tokens, first_target):
+    """An all-SPAN row whose targets are tokens[first_target:]."""
+    labels = [IGNORE] * (first_target - 1) + list(tokens[first_target:]) + [IGNORE]
+    return tokens, [SPAN] * len(tokens), labels
+
+
+def held_out_passages(cfg, tok):
+    if cfg.text_data == "toy":
+        return [tok.encode(s, bos=True)[:cfg.max_len] for s in data.toy_stories(cfg.limit or 200, cfg.seed + 1)]
+    corpus = TextCorpus(cfg.text_data, tok, split="val")
+    rows = [corpus.tokens[s:e][:cfg.max_len].tolist() for s, e in zip(corpus.starts, corpus.ends)]
+    return rows[:cfg.limit or None]
+
+
+def limited(items, cfg):
+    if not items:
+        raise EvalError("the evaluation split is empty")
+    return items[:cfg.limit] if cfg.limit else items
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Suites: each takes (Magnet, EvalConfig) and returns a dict of metrics
+
+def suite_ppl(m, cfg):
+    rows = [causal_row(p, 1) for p in limited(held_out_passages(cfg, m.tok), cfg) if len(p) > 1]
+    nll = row_nll(m, rows)
+    return {"ppl": float(np.exp(sum(s for s, _ in nll) / sum(c for _, c in nll)))}
+
+
+def suite_infill(m, cfg):
+    rng = np.random.default_rng(cfg.seed)
+    hybrid, causal = [], []
+    for p in limited(held_out_passages(cfg, m.tok), cfg):
+        if len(p) < cfg.gap + 8:
+            continue
+        s = int(rng.integers(4, len(p) - cfg.gap - 3))  # some context on both sides of the gap
+        roles = [CONTEXT] * len(p)
+        roles[s:s + cfg.gap] = [SPAN] * cfg.gap
+        labels = [IGNORE] * len(p)
+        labels[s - 1:s - 1 + cfg.gap] = p[s:s + cfg.gap]
+        hybrid.append((p, roles, labels))
+        causal.append(causal_row(p[:s + cfg.gap], s))
+    ppl = {name: float(np.exp(sum(a for a, _ in r) / sum(c for _, c in r)))
+           for name, r in (("gap_ppl_hybrid", row_nll(m, hybrid)), ("gap_ppl_left_only", row_nll(m, causal)))}
+    blanks = data.toy_blanks(min(cfg.limit or 100, 100), cfg.seed + 1)
+    both = left = 0
+    for i, (lt, answer, rt) in enumerate(blanks):
+        n = len(m.tok.encode(answer))
+        fill, guess = m.infill(lt, rt, n).strip(), m.generate(lt, n).strip()
+        both, left = both + (fill == answer), left + (guess == answer)
+        if i < 3:
+            print(f"  [{answer}] hybrid: {lt} [{fill}]{rt[:40]}...  left-only: [{guess}]")
+    return dict(ppl, blank_em_hybrid=both / len(blanks), blank_em_left_only=left / len(blanks))
+
+
+def suite_repetition(m, cfg):
+    scores = {k: [] for k in ("rep_2", "rep_3", "rep_4", "rep_sen")}
+    passages = [p for p in limited(held_out_passages(cfg, m.tok), cfg) if len(p) > cfg.prefix_len][:cfg.limit or None]
+    for p in tqdm(passages, desc="repetition", leave=False):
+        text = m.generate(m.tok.decode(p[1:cfg.prefix_len]), cfg.cont_len)
+        ids = m.tok.encode(text)
+        for k, v in (("rep_2", rep_n(ids, 2)), ("rep_3", rep_n(ids, 3)), ("rep_4", rep_n(ids, 4)),
+                     ("rep_sen", rep_sen(text))):
+            if v is not None:
+                scores[k].append(v)
+    return {k: float(np.mean(v)) if v else float("nan") for k, v in scores.items()}
+
+
+def suite_sts(m, cfg):
+    pairs = data.toy_pairs(cfg.limit or 500, cfg.seed + 1, "test") if cfg.sts_data == "toy" \
+        else limited(data.read_sts(cfg.sts_data), cfg)
+    a = F.normalize(m.encode([p[0] for p in pairs], pooling=cfg.pooling), dim=-1)
+    b = F.normalize(m.encode([p[1] for p in pairs], pooling=cfg.pooling), dim=-1)
+    return {"spearman": 100 * spearman((a * b).sum(-1).numpy(), [p[2] for p in pairs])}
+
+
+def word_features(m, words):
+    """One vector per word: the feature of its first piece (Magnet.token_features)."""
+    pieces, feats = m.token_features(" ".join(words))
+    starts = np.cumsum([0] + [len(m.tok.encode(w)) for w in words[:-1]])
+    if len(pieces) != sum(len(m.tok.encode(w)) for w in words):
+        raise EvalError(f"word pieces do not line up for {' '.join(words)[:60]!r}")
+    return feats[starts]
+
+
+def train_probe(x, y, x_dev, y_dev, n_classes, seed, epochs=300, patience=20):
+    """Softmax regression on standardised frozen features, full-batch Adam, early-stopped on dev accuracy."""
+    torch.manual_seed(seed)
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    probe = torch.nn.Linear(x.shape[1], n_classes)
+    opt = torch.optim.Adam(probe.parameters(), lr=1e-2)
+    best, best_state, waited = -1.0, None, 0
+    for _ in range(epochs):
+        opt.zero_grad()
+        F.cross_entropy(probe((x - mean) / std), y).backward()
+        opt.step()
+        with torch.no_grad():
+            acc = float((probe((x_dev - mean) / std).argmax(-1) == y_dev).float().mean())
+        if acc > best:
+            best, best_state, waited = acc, {k: v.clone() for k, v in probe.state_dict().items()}, 0
+        elif (waited := waited + 1) >= patience:
+            break
+    probe.load_state_dict(best_state)
+    return lambda feats: probe((feats - mean) / std).argmax(-1)
+
+
+def suite_token(m, cfg):
+    if cfg.token_data == "toy":
+        splits = {s: data.toy_tagged(cfg.limit or 300, cfg.seed + 10 + i) for i, s in enumerate(("train", "dev", "test"))}
+    else:
+        d = Path(cfg.token_data)
+        splits = {s: limited(data.read_conll(d / f), cfg) for s, f in
+                  (("train", "train.txt"), ("dev", "valid.txt"), ("test", "test.txt"))}
+    feats = {s: [word_features(m, sent["words"]) for sent in tqdm(v, desc=f"features {s}", leave=False)]
+             for s, v in splits.items()}
+    results = {}
+    for task in [k for k in ("pos", "chunk", "ner") if k in splits["train"][0]]:
+        labels = sorted({t for sent in splits["train"] for t in sent[task]})
+        index = {t: i for i, t in enumerate(labels)}
+        xy = {s: (torch.cat(feats[s]), torch.tensor([index.get(t, -1) for sent in splits[s] for t in sent[task]]))
+              for s in splits}
+        predict = train_probe(*xy["train"], *xy["dev"], len(labels), cfg.seed)
+        with torch.no_grad():
+            pred = predict(xy["test"][0])
+        results[f"{task}_acc"] = float((pred == xy["test"][1]).float().mean())
+        if task in ("chunk", "ner"):
+            lengths = np.cumsum([0] + [len(s[task]) for s in splits["test"]])
+            tags = [labels[i] for i in pred.tolist()]
+            results[f"{task}_f1"] = entity_f1([s[task] for s in splits["test"]],
+                                              [tags[a:b] for a, b in zip(lengths[:-1], lengths[1:])])
+    return results
+
+
+def read_mc(path):
+    items = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            item = json.loads(line)
+            assert isinstance(item["choices"], list) and 0 <= item["label"] < len(item["choices"])
+            items.append(dict(context=str(item["context"]), choices=[str(c) for c in item["choices"]],
+                              label=int(item["label"])))
+        except (json.JSONDecodeError, KeyError, TypeError, AssertionError):
+            raise EvalError(f"{path}, line {n}: expected {{\"context\": str, \"choices\": [str, ...], "
+                            f"\"label\": index}}, got {line[:80]!r}") from None
+    return items
+
+
+def suite_mc(m, cfg):
+    items = data.toy_multiple_choice(cfg.limit or 200, cfg.seed + 1) if cfg.mc_data == "toy" \
+        else limited(read_mc(cfg.mc_data), cfg)
+    rows = []
+    for it in items:
+        ctx = m.tok.encode(it["context"], bos=True)
+        rows += [causal_row(ctx + m.tok.encode(c), len(ctx)) for c in it["choices"]]
+    nll, i, right, right_norm = row_nll(m, rows), 0, 0, 0
+    for it in items:
+        scores = nll[i:i + len(it["choices"])]
+        i += len(it["choices"])
+        right += int(np.argmin([s for s, _ in scores]) == it["label"])
+        right_norm += int(np.argmin([s / c for s, c in scores]) == it["label"])
+    return {"acc": right / len(items), "acc_norm": right_norm / len(items)}
+
+
+SUITE_FUNCTIONS = dict(ppl=suite_ppl, infill=suite_infill, repetition=suite_repetition, sts=suite_sts,
+                       token=suite_token, mc=suite_mc)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Driver
+
+def load(spec, cfg):
+    name, _, path = spec.rpartition("=") if "=" in spec else (spec, "", spec)
+    base, _, adapter = path.partition("::")
+    tok = cfg.tokenizer or str(Path(base) / "tokenizer.model")
+    if not Path(tok).is_file():
+        raise EvalError(f"no tokenizer for {base}: pass --tokenizer=PATH")
+    return name, Magnet.load(base, tok, adapter=adapter or None, pooling=cfg.pooling)
+
+
+def describe(path):
+    """What a result was computed on: the file, its size and its hash (or the toy world's seed)."""
+    if path == "toy":
+        return {"path": "toy"}
+    files = sorted(Path(path).glob("*.txt")) if Path(path).is_dir() else [Path(path)]
+    missing = [str(f) for f in files if not f.is_file()] or ([] if files else [path])
+    if missing:
+        raise EvalError(f"{missing[0]}: data file not found")
+    return {"path": path, "bytes": sum(f.stat().st_size for f in files),
+            "sha256": hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:16]}
+
+
+def markdown(results):
+    names = list(results)
+    keys = sorted({(s, k) for r in results.values() for s, v in r.items() for k in v}, key=lambda x: (
+        SUITES.index(x[0]), x[1]))
+    lines = ["| suite | metric | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
+    for s, k in keys:
+        cells = [results[n].get(s, {}).get(k) for n in names]
+        lines.append(f"| {s} | {k} | " + " | ".join("—" if c is None else c if isinstance(c, str) else f"{c:.4g}"
+                                                      for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def parse(argv):
+    cfg, ckpts, types = EvalConfig(), [], {f.name: type(f.default) for f in fields(EvalConfig)}
+    for arg in argv:
+        key, eq, value = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or not eq:
+            raise EvalError(f"{arg}: expected --key=value")
+        if key == "ckpt":
+            ckpts.append(value)
+        elif key not in types:
+            raise EvalError(f"unknown key {key!r}; valid keys: ckpt, {', '.join(types)}")
+        else:
+            try:
+                setattr(cfg, key, value.lower() in ("1", "true") if types[key] is bool else types[key](value))
+            except ValueError:
+                raise EvalError(f"{arg}: {key} expects {types[key].__name__}") from None
+    unknown = set(cfg.suite.split(",")) - set(SUITES)
+    if unknown or not ckpts:
+        raise EvalError(f"need --ckpt=... and suites among {SUITES} (unknown: {sorted(unknown)})")
+    return cfg, ckpts
+
+
+def main(argv):
+    try:
+        cfg, ckpts = parse(argv)
+        suites = cfg.suite.split(",")
+        sources = {"ppl": cfg.text_data, "infill": cfg.text_data, "repetition": cfg.text_data,
+                   "sts": cfg.sts_data, "token": cfg.token_data, "mc": cfg.mc_data}
+        report = {"settings": asdict(cfg), "checkpoints": {}, "data": {s: describe(sources[s]) for s in suites},
+                  "results": {}}
+        for spec in ckpts:
+            name, m = load(spec, cfg)
+            report["checkpoints"][name], report["results"][name] = spec, {}
+            for s in suites:
+                print(f"{name}: {s}", file=sys.stderr)
+                try:
+                    report["results"][name][s] = SUITE_FUNCTIONS[s](m, cfg)
+                except (EvalError, ValueError, FileNotFoundError) as e:
+                    if not cfg.keep_going:
+                        raise
+                    report["results"][name][s] = {"error": str(e)}
+        Path(cfg.out).write_text(json.dumps(report, indent=2) + "\n")
+        print(markdown(report["results"]))
+    except (EvalError, CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
