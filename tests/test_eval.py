@@ -1,0 +1,132 @@
+"""eval.py: metrics against hand-computed values, every suite on a tiny model, the real stories260K on STS-B and
+CoNLL-2003, no test data in the probe, determinism, and clear errors."""
+import json
+import shutil
+
+import pytest
+import torch
+
+import eval as ev
+from model import ModelArgs, Transformer, save_checkpoint
+
+from conftest import shared_file
+
+
+def test_rep_n_and_rep_sen_by_hand():
+    # bigrams of a b a b a: ab ba ab ba -> 2 unique of 4 -> 1 - 2/4
+    assert ev.rep_n([1, 2, 1, 2, 1], 2) == 0.5
+    assert ev.rep_n([1, 2, 3], 2) == 0.0 and ev.rep_n([1], 2) is None
+    # trigrams of a a a a: aaa aaa -> 1 - 1/2
+    assert ev.rep_n([7, 7, 7, 7], 3) == 0.5
+    # 4 sentences, the 3rd and 4th repeat earlier ones (case and spacing aside) -> 2/4
+    assert ev.rep_sen("The cat sat. A dog ran!  the cat sat. A dog ran!") == 0.5
+    assert ev.rep_sen("One. Two. Three.") == 0.0 and ev.rep_sen("") is None
+
+
+def test_spearman_with_ties_by_hand():
+    # x ranks: 1, 2.5, 2.5, 4 ; y ranks: 1, 2, 3, 4
+    # pearson of ranks: dx = -1.5, 0, 0, 1.5 ; dy = -1.5, -.5, .5, 1.5 -> 4.5 / sqrt(4.5 * 5)
+    assert ev.spearman([1, 2, 2, 3], [10, 20, 30, 40]) == pytest.approx(4.5 / (4.5 * 5) ** 0.5)
+    assert list(ev.ranks([3, 1, 3, 2])) == [3.5, 1.0, 3.5, 2.0]
+    assert ev.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+
+
+def test_entity_f1_on_iob2_by_hand():
+    gold = [["B-PER", "I-PER", "O", "B-LOC"], ["B-ORG", "O"]]
+    # sentence 1: PER right, LOC typed wrong; sentence 2: ORG missed, an extra MISC
+    pred = [["B-PER", "I-PER", "O", "B-ORG"], ["O", "B-MISC"]]
+    # gold 3 entities, predicted 3, 1 correct -> F1 = 2*1 / (3+3)
+    assert ev.entity_f1(gold, pred) == pytest.approx(1 / 3)
+    assert ev.entities(["I-LOC", "I-LOC", "B-LOC"]) == {("LOC", 0, 2), ("LOC", 2, 3)}
+    assert ev.entity_f1(gold, gold) == 1.0
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(toy, tmp_path_factory):
+    d = tmp_path_factory.mktemp("evalckpt") / "tiny"
+    torch.manual_seed(0)
+    save_checkpoint(Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=toy[2].vocab_size,
+                                          multiple_of=16, max_seq_len=256)), d)
+    shutil.copyfile(toy[2].path, d / "tokenizer.model")
+    return d
+
+
+def run(argv, capsys=None):
+    code = ev.main(argv)
+    return code, (capsys.readouterr() if capsys else None)
+
+
+def test_every_suite_runs_on_a_tiny_model_and_is_deterministic(tiny_ckpt, tmp_path, capsys):
+    args = [f"--ckpt=a={tiny_ckpt}", f"--ckpt=b={tiny_ckpt}", "--limit=12", "--cont_len=16"]
+    assert run(args + [f"--out={tmp_path / 'r1.json'}"])[0] == 0
+    assert run(args + [f"--out={tmp_path / 'r2.json'}"])[0] == 0
+    table = capsys.readouterr().out
+    r1, r2 = (json.loads((tmp_path / f).read_text()) for f in ("r1.json", "r2.json"))
+    assert r1["results"] == r2["results"]
+    assert r1["results"]["a"] == r1["results"]["b"]
+    assert set(r1["results"]["a"]) == set(ev.SUITES)
+    assert "| sts | spearman |" in table and "| infill | blank_em_hybrid |" in table
+    assert r1["data"]["sts"] == {"path": "toy"} and r1["settings"]["limit"] == 12
+
+
+def test_the_probe_trains_on_train_and_stops_on_dev_only(tiny_ckpt, monkeypatch):
+    seen = []
+    real = ev.train_probe
+
+    def spy(x, y, x_dev, y_dev, *rest):
+        seen.append((x, x_dev))
+        return real(x, y, x_dev, y_dev, *rest)
+
+    monkeypatch.setattr(ev, "train_probe", spy)
+    cfg = ev.EvalConfig(limit=10)
+    m = ev.load(str(tiny_ckpt), cfg)[1]
+    ev.suite_token(m, cfg)
+
+    def features(seed):
+        return torch.cat([ev.word_features(m, s["words"]) for s in ev.data.toy_tagged(10, seed)])
+
+    (x, x_dev), = seen  # one task (toy POS tags)
+    assert torch.equal(x, features(cfg.seed + 10)) and torch.equal(x_dev, features(cfg.seed + 11))
+
+
+def test_real_stories260k_on_stsb_and_conll(tmp_path, capsys):
+    bin_path = shared_file("assets/stories260K/stories260K.bin")
+    tok = shared_file("assets/stories260K/tok512.model")
+    sts = shared_file("data/stsb/sts-test.csv")
+    conll = shared_file("data/conll2003/train.txt").parent
+    code, out = run([f"--ckpt=stories={bin_path}", f"--tokenizer={tok}", "--suite=sts,token", f"--sts_data={sts}",
+                     f"--token_data={conll}", "--limit=60", f"--out={tmp_path / 'r.json'}"], capsys)
+    assert code == 0, out.err
+    r = json.loads((tmp_path / "r.json").read_text())
+    res = r["results"]["stories"]
+    assert -100 <= res["sts"]["spearman"] <= 100
+    # a 260K-parameter model of children's stories, 512 pieces: CoNLL's newswire is far from it, so only check
+    # that the probe beats uniform guessing over ~40 POS tags by a wide margin (the README reports the numbers)
+    assert res["token"]["pos_acc"] > 0.1 and 0 <= res["token"]["ner_f1"] <= 1
+    assert r["data"]["sts"]["bytes"] == sts.stat().st_size and len(r["data"]["sts"]["sha256"]) == 16
+
+
+def test_clear_errors_and_keep_going(tiny_ckpt, tmp_path, capsys):
+    bad = tmp_path / "mc.jsonl"
+    bad.write_text('{"context": "a", "choices": ["b", "c"], "label": 0}\n{"context": "a", "label": 5}\n')
+    code, out = run([f"--ckpt={tiny_ckpt}", "--suite=mc", f"--mc_data={bad}", f"--out={tmp_path / 'x.json'}"],
+                    capsys)
+    assert code == 1 and "mc.jsonl, line 2" in out.err
+    code, out = run([f"--ckpt={tiny_ckpt}", "--suite=mc,ppl", f"--mc_data={bad}", "--keep_going=true",
+                     "--limit=5", f"--out={tmp_path / 'k.json'}"], capsys)
+    r = json.loads((tmp_path / "k.json").read_text())["results"]
+    assert code == 0 and "line 2" in r[str(tiny_ckpt)]["mc"]["error"] and r[str(tiny_ckpt)]["ppl"]["ppl"] > 1
+    code, out = run([f"--ckpt={tiny_ckpt}", "--suite=sts", f"--sts_data={tmp_path / 'none.csv'}"], capsys)
+    assert code == 1 and "none.csv: data file not found" in out.err
+    code, out = run([f"--ckpt={tmp_path / 'nowhere'}", "--suite=ppl", f"--tokenizer={tiny_ckpt / 'tokenizer.model'}"],
+                    capsys)
+    assert code == 1 and "no such checkpoint" in out.err
+    other = ev.data.train_tokenizer(ev.data.toy_stories(300, 0), tmp_path / "t512.model", 512).path
+    code, out = run([f"--ckpt={tiny_ckpt}", "--suite=ppl", f"--tokenizer={other}"], capsys)
+    assert code == 1 and "256 tokens but the tokenizer's has 512" in out.err
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    code, out = run([f"--ckpt={tiny_ckpt}", "--suite=sts", f"--sts_data={empty}"], capsys)
+    assert code == 1 and "no sentence pairs" in out.err
+    code, out = run(["--suite=ppl,nonsense", f"--ckpt={tiny_ckpt}"], capsys)
+    assert code == 1 and "nonsense" in out.err
