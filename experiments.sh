@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Reproduce the README's "Results" (MAGNET in miniature). Usage:  bash experiments.sh A   or   bash experiments.sh B
+#   A: base = a causal model pretrained here on the toy world; adaptation and evaluation on the toy world.
+#   B: base = the real stories260K; adaptation on TinyStories text (its last 5% of stories held out for evaluation);
+#      STS-B test, CoNLL-2003, held-out TinyStories. Needs ../shared (or MAGNET_SHARED).
+# Every model is evaluated on the same data with the same settings. Checkpoints go to runs/ (not committed); the
+# JSON results and markdown tables go to results/.
+set -euo pipefail
+cd "$(dirname "$0")"
+setting=${1:?usage: bash experiments.sh A|B}
+runs=runs/$setting
+mkdir -p results "$runs"
+start=$(date +%s)
+train() { python train.py "$@" --seed=0 --demo=false --overwrite=true; }
+
+if [ "$setting" = A ]; then
+    train config/pretrain_toy.py --out_dir="$runs/base"
+    base=$runs/base/merged
+    common=(--init_from="$base")
+    eval_args=(--tokenizer="$base/tokenizer.model" --suite=ppl,infill,repetition,sts,token,mc --limit=200)
+elif [ "$setting" = B ]; then
+    shared=${MAGNET_SHARED:-../shared}
+    base=$shared/assets/stories260K/stories260K.bin
+    tok=$shared/assets/stories260K/tok512.model
+    common=(config/stories260k.py --init_from="$base" --tokenizer="$tok" --data="$shared/data/tinystories/tinystories.txt")
+    eval_args=(--tokenizer="$tok" --suite=ppl,infill,repetition,sts,token --limit=500
+               --text_data="$shared/data/tinystories/tinystories.txt" --sts_data="$shared/data/stsb/sts-test.csv"
+               --token_data="$shared/data/conll2003")
+else
+    echo "unknown setting $setting (expected A or B)" >&2; exit 2
+fi
+
+# the adapted models: MAGNET, the LLM2Vec recipe (MNTP + SSCL, all-bidirectional), and MAGNET's ablations
+train "${common[@]}" --out_dir="$runs/magnet"
+train "${common[@]}" --max_spans=0 --p_causal=0.0 --w_msg=0.0 --out_dir="$runs/llm2vec"
+train "${common[@]}" --w_msg=0.0 --out_dir="$runs/no_msg"
+train "${common[@]}" --w_sscl=0.0 --out_dir="$runs/no_sscl"
+train "${common[@]}" --w_mntp=0.0 --out_dir="$runs/no_mntp"
+train "${common[@]}" --p_causal=0.0 --out_dir="$runs/p_causal_0"
+
+ckpts=(--ckpt=base="$base")
+for run in magnet llm2vec no_msg no_sscl no_mntp p_causal_0; do
+    ckpts+=(--ckpt="$run=$base::$runs/$run/adapter.pt")
+done
+out=results/setting_$(echo "$setting" | tr A-Z a-z)
+python eval.py "${ckpts[@]}" "${eval_args[@]}" --seed=0 --out="$out.json" | tee "$out.md"
+echo "setting $setting: $(( $(date +%s) - start )) s wall time on $(nproc) CPU cores" | tee -a "$out.md"
