@@ -8,6 +8,7 @@ One training example is seen through three views (DESIGN §4):
 """
 import hashlib
 import io
+import os
 import random
 import re
 from dataclasses import dataclass
@@ -64,10 +65,10 @@ def train_tokenizer(texts, path, vocab_size):
 # Corpora
 
 class TextCorpus:
-    """UTF-8 text files, paragraphs separated by blank lines, tokenized once into a cached token file.
+    """UTF-8 text files, paragraphs separated by blank lines, tokenized once into cached, memory-mapped .npy files.
 
     The stream is BOS + paragraph tokens, paragraph after paragraph; `starts` holds where each paragraph begins.
-    The cache file's name carries a hash of the sources and the tokenizer, so a change of either re-tokenizes.
+    The cache names carry a hash of the sources and the tokenizer, so a change of either re-tokenizes.
     The last `val_fraction` of the paragraphs is held out (split="val") for evaluation.
     """
 
@@ -79,11 +80,12 @@ class TextCorpus:
         key = hashlib.sha256(tokenizer.path.read_bytes())
         for p in paths:
             key.update(p.read_bytes())
-        cache = Path(cache_dir or paths[0].parent) / f"{paths[0].name}.{key.hexdigest()[:16]}.tokens.npz"
-        if not cache.exists():
-            self._tokenize(paths, tokenizer, cache)
-        saved = np.load(cache)
-        self.tokens, starts = saved["tokens"], saved["starts"]
+        stem = Path(cache_dir or paths[0].parent) / f"{paths[0].name}.{key.hexdigest()[:16]}"
+        tokens_file, starts_file = Path(f"{stem}.tokens.npy"), Path(f"{stem}.starts.npy")
+        if not (tokens_file.exists() and starts_file.exists()):
+            self._tokenize(paths, tokenizer, tokens_file, starts_file)
+        self.tokens = np.load(tokens_file, mmap_mode="r")  # a 500 MB corpus is not read into memory
+        starts = np.load(starts_file)
         if len(starts) == 0:
             raise ValueError(f"{', '.join(map(str, paths))}: the corpus has no text")
         n_val = int(round(len(starts) * val_fraction))
@@ -95,17 +97,16 @@ class TextCorpus:
         self.tokenizer = tokenizer
 
     @staticmethod
-    def _tokenize(paths, tokenizer, cache):
-        stream, starts = [], []
-        for p in paths:
-            for para in read_paragraphs(p):
-                starts.append(len(stream))
-                stream += tokenizer.encode(para, bos=True)
+    def _tokenize(paths, tokenizer, tokens_file, starts_file):
         dtype = np.uint16 if tokenizer.vocab_size < 2 ** 16 else np.uint32
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(cache.name + ".tmp.npz")
-        np.savez(tmp, tokens=np.array(stream, dtype=dtype), starts=np.array(starts, dtype=np.int64))
-        tmp.replace(cache)
+        pieces = [np.array(tokenizer.encode(para, bos=True), dtype) for p in paths for para in read_paragraphs(p)]
+        starts = np.cumsum([0] + [len(x) for x in pieces[:-1]]) if pieces else np.zeros(0, np.int64)
+        tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype)
+        for array, path in ((tokens, tokens_file), (starts, starts_file)):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npy")  # atomic: never a half-written cache
+            np.save(tmp, array)
+            tmp.replace(path)
 
     def chunk(self, rng, length):
         """Up to `length` tokens starting at a random paragraph (so it begins with BOS), running on past its end."""
@@ -156,13 +157,14 @@ class BatchConfig:
 
 def sample_spans(n, rng, max_spans, span_min, span_max):
     """Spans [start, end) for a row of n tokens: 1..max_spans, none covering BOS (position 0), >= 1 context token
-    between two spans, each at most about half the room so short rows keep context."""
+    between two spans, together at most about half the row so short rows keep context."""
     room = n - 1
     if room < 1 or max_spans == 0:  # max_spans=0: no spans (the LLM2Vec baseline's all-context rows)
         return []
     k = min(int(rng.integers(1, max_spans + 1)), max(1, (room + 1) // 2))
-    cap = max(1, (room - (k - 1)) // (2 * k))
-    lengths = [min(int(rng.integers(span_min, span_max + 1)), cap) for _ in range(k)]
+    lengths = [int(rng.integers(span_min, span_max + 1)) for _ in range(k)]
+    while sum(lengths) > max(k, room // 2):  # clip for short rows: spans take at most about half of the row
+        lengths[int(np.argmax(lengths))] -= 1
     free = room - sum(lengths) - (k - 1)  # context tokens to scatter around the spans
     cuts = np.sort(rng.integers(0, free + 1, size=k))
     gaps = np.diff(np.concatenate([[0], cuts]))  # context before each span (the separators come on top)
@@ -189,8 +191,7 @@ def view_a(chunk, cfg: BatchConfig, tok: Tokenizer, rng):
     for s, e in sample_spans(n, rng, cfg.max_spans, cfg.span_min, cfg.span_max):
         roles[s:e] = SPAN
         msg[s - 1:e - 1] = chunk[s:e]
-    eligible = np.flatnonzero(roles == CONTEXT)
-    eligible = eligible[eligible > 0]  # never BOS
+    eligible = np.flatnonzero((roles == CONTEXT) & (chunk != tok.bos_id))  # never BOS (nor one inside the chunk)
     picked = eligible[rng.random(len(eligible)) < cfg.mntp_rate]
     mntp[picked - 1] = chunk[picked]
     action = rng.random(len(picked))  # 80% mask token, 10% a random token, 10% unchanged (BERT's recipe)
@@ -227,7 +228,8 @@ def magnet_batch(corpus: TextCorpus, cfg: BatchConfig, rng, pairs=None):
     batch = dict(tokens=pad_rows([r[0] for r in rows], tok.pad_id), roles=pad_rows([r[1] for r in rows], PAD),
                  mntp_labels=pad_rows([r[2] for r in rows], IGNORE), msg_labels=pad_rows([r[3] for r in rows], IGNORE))
     if pairs:
-        chosen = [pairs[i] for i in rng.integers(len(pairs), size=cfg.batch_size)]
+        # distinct pairs (a repeated pair would be its own negative); with replacement only if there are too few
+        chosen = [pairs[i] for i in rng.choice(len(pairs), size=cfg.batch_size, replace=len(pairs) < cfg.batch_size)]
         texts = [tok.encode(a) for a, _ in chosen] + [tok.encode(b) for _, b in chosen]
     else:
         texts = [corpus.passage(rng, cfg.sscl_len) for _ in range(cfg.batch_size)]
@@ -283,6 +285,7 @@ def read_conll(path):
 # Each word carries a part-of-speech tag (lexicon below; "word/TAG" in a template overrides it, e.g. "light"
 # is a NOUN in "a warm light" and an ADJ in "the drum was light").
 
+EVAL_SEED = 1_000_000  # toy-world evaluation data comes from seeds >= this; training data from the run's seed
 NAMES = ["Mia", "Tom", "Sam", "Lily", "Ben", "Anna", "Max", "Zoe"]
 OBJECTS = {"kite": "it flew high in the wind", "ball": "it bounced on the grass", "book": "it had many pages",
            "cake": "it tasted very sweet", "boat": "it floated on the pond", "drum": "it made a loud sound",

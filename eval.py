@@ -54,6 +54,7 @@ class EvalConfig:
     pooling: str = "last"
     out: str = "eval.json"
     keep_going: bool = False
+    device: str = "cpu"  # "cuda" evaluates in the checkpoint's dtype (bf16 for Meta's files) on the GPU
 
 
 class EvalError(ValueError):
@@ -135,7 +136,8 @@ def causal_row(tokens, first_target):
 
 def held_out_passages(cfg, tok):
     if cfg.text_data == "toy":
-        return [tok.encode(s, bos=True)[:cfg.max_len] for s in data.toy_stories(cfg.limit or 200, cfg.seed + 1)]
+        stories = data.toy_stories(cfg.limit or 200, data.EVAL_SEED + cfg.seed)
+        return [tok.encode(s, bos=True)[:cfg.max_len] for s in stories]
     corpus = TextCorpus(cfg.text_data, tok, split="val")
     rows = [corpus.tokens[s:e][:cfg.max_len].tolist() for s, e in zip(corpus.starts, corpus.ends)]
     return rows[:cfg.limit or None]
@@ -171,7 +173,7 @@ def suite_infill(m, cfg):
         causal.append(causal_row(p[:s + cfg.gap], s))
     ppl = {name: float(np.exp(sum(a for a, _ in r) / sum(c for _, c in r)))
            for name, r in (("gap_ppl_hybrid", row_nll(m, hybrid)), ("gap_ppl_left_only", row_nll(m, causal)))}
-    blanks = data.toy_blanks(min(cfg.limit or 100, 100), cfg.seed + 1)
+    blanks = data.toy_blanks(min(cfg.limit or 100, 100), data.EVAL_SEED + cfg.seed)
     both = left = 0
     for i, (lt, answer, rt) in enumerate(blanks):
         n = len(m.tok.encode(answer))
@@ -196,7 +198,7 @@ def suite_repetition(m, cfg):
 
 
 def suite_sts(m, cfg):
-    pairs = data.toy_pairs(cfg.limit or 500, cfg.seed + 1, "test") if cfg.sts_data == "toy" \
+    pairs = data.toy_pairs(cfg.limit or 500, data.EVAL_SEED + cfg.seed, "test") if cfg.sts_data == "toy" \
         else limited(data.read_sts(cfg.sts_data), cfg)
     a = F.normalize(m.encode([p[0] for p in pairs], pooling=cfg.pooling), dim=-1)
     b = F.normalize(m.encode([p[1] for p in pairs], pooling=cfg.pooling), dim=-1)
@@ -235,7 +237,8 @@ def train_probe(x, y, x_dev, y_dev, n_classes, seed, epochs=300, patience=20):
 
 def suite_token(m, cfg):
     if cfg.token_data == "toy":
-        splits = {s: data.toy_tagged(cfg.limit or 300, cfg.seed + 10 + i) for i, s in enumerate(("train", "dev", "test"))}
+        seed = data.EVAL_SEED + cfg.seed + 10
+        splits = {s: data.toy_tagged(cfg.limit or 300, seed + i) for i, s in enumerate(("train", "dev", "test"))}
     else:
         d = Path(cfg.token_data)
         splits = {s: limited(data.read_conll(d / f), cfg) for s, f in
@@ -275,7 +278,7 @@ def read_mc(path):
 
 
 def suite_mc(m, cfg):
-    items = data.toy_multiple_choice(cfg.limit or 200, cfg.seed + 1) if cfg.mc_data == "toy" \
+    items = data.toy_multiple_choice(cfg.limit or 200, data.EVAL_SEED + cfg.seed) if cfg.mc_data == "toy" \
         else limited(read_mc(cfg.mc_data), cfg)
     rows = []
     for it in items:
@@ -298,12 +301,12 @@ SUITE_FUNCTIONS = dict(ppl=suite_ppl, infill=suite_infill, repetition=suite_repe
 # Driver
 
 def load(spec, cfg):
-    name, _, path = spec.rpartition("=") if "=" in spec else (spec, "", spec)
+    name, _, path = spec.partition("=") if "=" in spec else (spec, "", spec)
     base, _, adapter = path.partition("::")
     tok = cfg.tokenizer or str(Path(base) / "tokenizer.model")
     if not Path(tok).is_file():
         raise EvalError(f"no tokenizer for {base}: pass --tokenizer=PATH")
-    return name, Magnet.load(base, tok, adapter=adapter or None, pooling=cfg.pooling)
+    return name, Magnet.load(base, tok, adapter=adapter or None, device=cfg.device, pooling=cfg.pooling)
 
 
 def describe(path):

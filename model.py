@@ -235,7 +235,7 @@ class Transformer(nn.Module):
         rope = rope_angles(positions, self.args.head_dim, self.args.rope_theta)
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:
-            if self.checkpoint_activations and self.training:  # non-reentrant; dropout RNG is replayed exactly
+            if self.checkpoint_activations and self.training and cache is None:  # non-reentrant, RNG replayed
                 h = checkpoint(layer, h, rope, mask, is_causal, self.args.attn_backend, use_reentrant=False)
             else:
                 h = layer(h, rope, mask, is_causal, self.args.attn_backend, cache)

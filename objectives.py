@@ -69,7 +69,12 @@ def sscl_loss(a, b, temperature=0.05):
     Similarity = cosine / temperature; row i's positive is b_i, every other b_j of the GLOBAL batch (all ranks)
     is a negative; both directions (a->b, b->a) are averaged.
     """
-    a, b = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
+    with torch.autocast(a.device.type, enabled=False):  # similarities / 0.05 need fp32, also under autocast
+        return _info_nce(a.float(), b.float(), temperature)
+
+
+def _info_nce(a, b, temperature):
+    a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
     offset = 0
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         offset = dist.get_rank() * a.shape[0]

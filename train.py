@@ -18,7 +18,7 @@ import shutil
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
+from attention import PAD
 from data import IGNORE, BatchConfig, TextCorpus, Tokenizer
 from magnet import Magnet
 from model import (CheckpointError, ModelArgs, Transformer, apply_lora, load_checkpoint, save_adapter,
@@ -50,6 +51,8 @@ class Config:
     multiple_of: int = 32
     max_seq_len: int = 256
     attn_backend: str = "sdpa"
+    dropout: float = 0.0  # residual dropout; also the SimCSE noise when SSCL has no paraphrase pairs
+    mask_piece: str = "_"  # the MNTP mask token's piece (unk where the vocabulary lacks it)
     # LoRA (False = train every parameter, as in pretraining)
     lora: bool = True
     lora_rank: int = 16
@@ -149,36 +152,60 @@ def setup_distributed(cfg):
     return dist.get_rank(), dist.get_world_size(), torch.device(device)
 
 
-def setup_data(cfg, out):
-    """The tokenizer, the training corpus and optional SSCL pairs (all checked before anything is written)."""
+def setup_data(cfg, out, write):
+    """The tokenizer, the training corpus and optional SSCL pairs. Only the process with write=True creates files
+    (the toy world, the token cache); the others run afterwards and read them."""
     if cfg.data == "toy":
-        corpus_path, pairs_path, tok = data.write_toy_world(out / "toy", seed=cfg.seed)
-        pairs_path = cfg.pairs or pairs_path
+        toy = out / "toy"
+        if write:
+            data.write_toy_world(toy, seed=cfg.seed)
+        corpus_path, pairs_path, tok_path = toy / "stories.txt", cfg.pairs or toy / "pairs.tsv", toy / "tok.model"
     else:
         corpus_path, pairs_path = [Path(p) for p in cfg.data.split(",")], cfg.pairs
-        tok_path = cfg.tokenizer or Path(cfg.init_from) / "tokenizer.model"
-        if not Path(tok_path).is_file():
+        tok_path = Path(cfg.tokenizer or Path(cfg.init_from) / "tokenizer.model")
+        if not tok_path.is_file():
             raise ConfigError(f"tokenizer {tok_path} not found; set --tokenizer=PATH")
-        tok = Tokenizer(tok_path)
-    if cfg.data == "toy" and cfg.tokenizer:
-        tok = Tokenizer(cfg.tokenizer)
+    tok = Tokenizer(cfg.tokenizer or tok_path, cfg.mask_piece)
     corpus = TextCorpus(corpus_path, tok, cache_dir=cfg.cache_dir)
     return tok, corpus, data.read_pairs(pairs_path) if pairs_path else None
 
 
+def rank0_first(fn, rank, world):
+    """Run fn() on rank 0, then on the other ranks (which then find what rank 0 wrote). An error on rank 0 is
+    raised on every rank, so none waits forever."""
+    result, error = None, None
+    if rank == 0:
+        try:
+            result = fn()
+        except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
+            error = e
+    if world > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise error
+    return fn() if rank != 0 else result
+
+
 def build_model(cfg, tok):
-    """The full model on the CPU (rank 0 only, in real memory), LoRA applied, seeded: the one initial state."""
+    """The full model on the CPU (rank 0 only), LoRA applied, seeded: the one initial state of every run.
+    With LoRA on a GPU the frozen base is bf16 and the adapters fp32; without LoRA everything trains in fp32."""
     torch.manual_seed(cfg.seed)
-    dtype = torch.bfloat16 if torch.cuda.is_available() and cfg.device != "cpu" else torch.float32
+    on_gpu = torch.cuda.is_available() and cfg.device != "cpu"
+    dtype = torch.bfloat16 if on_gpu and cfg.lora else torch.float32
+    runtime = dict(attn_backend=cfg.attn_backend, dropout=cfg.dropout)
     if cfg.init_from == "scratch":
         args = ModelArgs(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads or None,
-                         vocab_size=tok.vocab_size, multiple_of=cfg.multiple_of, max_seq_len=cfg.max_seq_len)
+                         vocab_size=tok.vocab_size, multiple_of=cfg.multiple_of, max_seq_len=cfg.max_seq_len,
+                         **runtime)
         model = Transformer(args).to(dtype)
     else:
-        model = load_checkpoint(cfg.init_from, dtype=dtype, vocab_size=tok.vocab_size)
-    model.args.attn_backend, model.args.dropout = cfg.attn_backend, 0.0
-    if cfg.seq_len + 1 > model.args.max_seq_len:
-        raise ConfigError(f"seq_len={cfg.seq_len} (+ BOS) is beyond the model's max_seq_len={model.args.max_seq_len}")
+        model = load_checkpoint(cfg.init_from, dtype=dtype, vocab_size=tok.vocab_size, **runtime)
+    longest = max(cfg.seq_len + 1, cfg.sscl_len + 2 + len(tok.encode(cfg.instruction)))
+    if longest > model.args.max_seq_len:
+        raise ConfigError(f"seq_len={cfg.seq_len} / sscl_len={cfg.sscl_len} need {longest} positions, beyond the "
+                          f"model's max_seq_len={model.args.max_seq_len}")
     if cfg.lora:
         apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
         for m in model.modules():  # adapters train in fp32 even when the base is bf16
@@ -196,8 +223,9 @@ def shard(model_or_none, args, lora_config, cfg, rank, device):
         sharded = Transformer(args)
         if lora_config:
             apply_lora(sharded, **lora_config)
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" \
-        else MixedPrecisionPolicy()
+    # bf16 compute, fp32 gradient reduction; forward inputs are not cast, so the RoPE angles stay fp32
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False) \
+        if device.type == "cuda" else MixedPrecisionPolicy()
     for block in sharded.layers:
         fully_shard(block, mp_policy=mp)
     fully_shard(sharded, mp_policy=mp)
@@ -220,26 +248,28 @@ def lr_at(step, cfg):
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
-def local_slice(batch, rank, world):
-    """This rank's rows of a global batch; views B and C are sliced alike (so gathered negatives are global)."""
-    n = batch["tokens"].shape[0] // world
-    b, c = batch["sscl_tokens"].chunk(2), batch["sscl_roles"].chunk(2)
-    last = batch["sscl_last"].chunk(2)
-    rows = slice(rank * n, (rank + 1) * n)
-    return dict({k: batch[k][rows] for k in ("tokens", "roles", "mntp_labels", "msg_labels")},
-                sscl_tokens=torch.cat([b[0][rows], b[1][rows]]), sscl_roles=torch.cat([c[0][rows], c[1][rows]]),
-                sscl_last=torch.cat([last[0][rows], last[1][rows]]))
+def part(batch, i, n):
+    """Rows i/n of a batch (view A's rows and the matching rows of views B and C, so negatives stay aligned)."""
+    rows = batch["tokens"].shape[0] // n
+    take = slice(i * rows, (i + 1) * rows)
+    out = {k: batch[k][take] for k in ("tokens", "roles", "mntp_labels", "msg_labels")}
+    for k in ("sscl_tokens", "sscl_roles", "sscl_last"):
+        b, c = batch[k].chunk(2)  # views B and C are stacked
+        out[k] = torch.cat([b[take], c[take]])
+    return out
 
 
 def train_step(magnet, opt, corpus, pairs, bcfg, cfg, step, rank, world):
-    """Forward/backward over grad_accum micro-batches, clip, update. Returns the step's losses (global means)."""
+    """One optimizer step. The step's batch (batch_size * grad_accum rows) is a function of (seed, step) alone;
+    gradient accumulation splits it into micro-batches and data parallelism splits each micro-batch over ranks.
+    Returns the step's losses (global means) and the number of tokens it processed."""
     torch.manual_seed(cfg.seed * 1_000_003 + step * 1009 + rank)  # dropout noise: a function of (seed, step, rank)
-    micro = [data.magnet_batch(corpus, bcfg, np.random.default_rng([cfg.seed, step, i]), pairs)
-             for i in range(cfg.grad_accum)]
-    counts = {k: sum(int((b[f"{k}_labels"] != IGNORE).sum()) for b in micro) for k in ("mntp", "msg")}
+    batch = data.magnet_batch(corpus, replace(bcfg, batch_size=cfg.batch_size * cfg.grad_accum),
+                              np.random.default_rng([cfg.seed, step]), pairs)
+    counts = {k: int((batch[f"{k}_labels"] != IGNORE).sum()) for k in ("mntp", "msg")}
     sums = {}
-    for b in micro:
-        local = local_slice(b, rank, world)
+    for i in range(cfg.grad_accum):  # SSCL's in-batch negatives: the micro-batch's rows on all ranks
+        local = part(part(batch, i, cfg.grad_accum), rank, world)
         # token losses: this rank's sum of cross-entropies / (global count / world), so that FSDP's average of
         # the ranks' gradients is the gradient of the global token mean; SSCL is a mean per micro-batch
         local.update({f"{k}_count": torch.tensor(max(1, counts[k]) / world) for k in counts})
@@ -249,19 +279,22 @@ def train_step(magnet, opt, corpus, pairs, bcfg, cfg, step, rank, world):
         sum(magnet.weights[k] * v for k, v in per_step.items()).backward()
         for k, v in per_step.items():
             sums[k] = sums.get(k, 0.0) + v.detach().float()
-    norm = torch.nn.utils.clip_grad_norm_([p for p in magnet.model.parameters() if p.requires_grad], cfg.grad_clip)
-    for g in opt.param_groups:
-        g["lr"] = lr_at(step, cfg)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
     values = torch.stack(list(sums.values()))
     if world > 1:
         dist.all_reduce(values)
         values /= world
     out = dict(zip(sums, values.tolist()))
     out["total"] = sum(magnet.weights[k] * v for k, v in out.items())
+    norm = torch.nn.utils.clip_grad_norm_([p for p in magnet.model.parameters() if p.requires_grad], cfg.grad_clip)
     out["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-    return out, sum(int((b["roles"] != 0).sum() + (b["sscl_roles"] != 0).sum()) for b in micro)
+    if not all(math.isfinite(v) for v in out.values()):  # every rank sees the same reduced values
+        raise TrainingError(f"non-finite loss or gradient at step {step} ({out}); stopped before the update. The "
+                            "last checkpoint is intact: --resume=true continues from it (perhaps with a lower --lr)")
+    for g in opt.param_groups:
+        g["lr"] = lr_at(step, cfg)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return out, int((batch["roles"] != PAD).sum() + (batch["sscl_roles"] != PAD).sum())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -332,10 +365,10 @@ def barrier():
 def demo(out, seed):
     """Show the two things MAGNET adds, on held-out toy-world data."""
     m = Magnet.load(out / "merged", out / "merged" / "tokenizer.model")
-    left, answer, right = data.toy_blanks(1, seed + 1)[0]
+    left, answer, right = data.toy_blanks(1, data.EVAL_SEED + seed)[0]
     fill = m.infill(left, right, len(m.tok.encode(answer)))
     print(f"\ninfill (only the right context names the object; answer: {answer}):\n  {left} [{fill}]{right}")
-    pairs = data.toy_pairs(40, seed + 1, "test")
+    pairs = data.toy_pairs(40, data.EVAL_SEED + seed, "test")
     query, positive = next((a, b) for a, b, s in pairs if s == 5.0)
     candidates = [positive] + [b for _, b, s in pairs if s == 0.0][:4]
     vectors = torch.nn.functional.normalize(m.encode([query] + candidates), dim=-1)
@@ -357,26 +390,24 @@ def run(cfg, rank, world, device):
         raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by the {world} processes")
     if cfg.init_from == "scratch" and cfg.lora and cfg.pretrain_iters > 0:
         base = out / "base"  # phase 1: a causal base model, fully trained, then LoRA-adapted with MAGNET
-        if not (base / "merged" / "params.json").exists():
+        if cfg.overwrite or not (base / "merged" / "params.json").exists():
             run(Config(**{**asdict(cfg), **dict(out_dir=str(base), lora=False, p_causal=1.0, w_mntp=0.0,
                                                 w_sscl=0.0, max_iters=cfg.pretrain_iters, pretrain_iters=0,
                                                 demo=False)}), rank, world, device)
         cfg = Config(**{**asdict(cfg), "init_from": str(base / "merged")})
     if cfg.init_from != "scratch" and not Path(cfg.init_from).exists():
         raise ConfigError(f"init_from={cfg.init_from}: no such checkpoint")
-    tok, corpus, pairs = setup_data(cfg, out)
-    full, error = None, None
-    if rank == 0:
-        try:
-            full = build_model(cfg, tok)
-        except (ConfigError, CheckpointError) as e:
-            error = e
-    shared = [(full.args, getattr(full, "lora_config", None)) if full else None, error]
+    tok, corpus, pairs = rank0_first(lambda: setup_data(cfg, out, write=rank == 0), rank, world)
+    full = rank0_first(lambda: build_model(cfg, tok) if rank == 0 else None, rank, world)
+    if rank == 0 and cfg.overwrite and not cfg.resume:  # asked to start over, and the new run is valid: clear the old
+        for name in ("ckpt", "ckpt.tmp", "ckpt.old", "merged", "adapter.pt", "log.jsonl", "config.json"):
+            shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink(missing_ok=True)
     if world > 1:
-        dist.broadcast_object_list(shared, src=0)
-    if shared[1] is not None:
-        raise shared[1]
-    model = shard(full, *shared[0], cfg, rank, device) if world > 1 else full.to(device)
+        shapes = [(full.args, getattr(full, "lora_config", None)) if rank == 0 else None]
+        dist.broadcast_object_list(shapes, src=0)
+        model = shard(full, *shapes[0], cfg, rank, device)
+    else:
+        model = full.to(device)
     model.checkpoint_activations = cfg.activation_checkpointing
     magnet = Magnet(model.train(), tok, cfg.w_mntp, cfg.w_msg, cfg.w_sscl, cfg.temperature, cfg.pooling,
                     cfg.instruction)
@@ -393,13 +424,11 @@ def run(cfg, rank, world, device):
         log.write("".join(r + "\n" for r in kept))
     bar = tqdm(range(start, cfg.max_iters), initial=start, total=cfg.max_iters, disable=rank != 0,
                desc=out.name, dynamic_ncols=True)
+    stopped = False
     for step in bar:
         t0 = time.perf_counter()
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda" and world == 1):
             losses, tokens = train_step(magnet, opt, corpus, pairs, bcfg, cfg, step, rank, world)
-        if not all(math.isfinite(v) for v in losses.values()):
-            raise TrainingError(f"the loss is not finite at step {step} ({losses}); stopping. The last good "
-                                f"checkpoint is in {out / 'ckpt'} (resume with --resume=true and a lower --lr)")
         if rank == 0:
             record = dict(step=step, lr=lr_at(step, cfg), tokens_per_s=tokens / (time.perf_counter() - t0), **losses)
             log.write(json.dumps(record) + "\n")
@@ -409,10 +438,11 @@ def run(cfg, rank, world, device):
         if (step + 1) % cfg.ckpt_interval == 0 or step + 1 in (cfg.max_iters, cfg.stop_at):
             save_state(out, model, opt, step + 1, rank)
         if step + 1 == cfg.stop_at:
+            stopped = True
             break
     if rank == 0:
         log.close()
-    if cfg.stop_at and cfg.stop_at < cfg.max_iters:
+    if stopped:
         if rank == 0:
             print(f"stopped after step {cfg.stop_at} (stop_at); continue with --resume=true")
         return

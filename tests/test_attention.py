@@ -100,11 +100,14 @@ def test_all_span_is_a_plain_causal_lm(backend):
     assert torch.allclose(padded[:, :12], full, atol=1e-5)
 
 
-def test_sdpa_and_math_agree_values_and_gradients():
+@pytest.mark.parametrize("kind", ["mixed", "all_context", "all_span"])
+def test_sdpa_and_math_agree_values_and_gradients(kind):
+    """Mixed rows use the boolean mask; pure batches take sdpa's no-mask and is_causal fast paths."""
     gen = torch.Generator().manual_seed(3)
     B, T = 8, 16
     tokens = torch.randint(0, 61, (B, T), generator=gen)
-    roles = random_roles(B, T, gen)
+    roles = dict(mixed=random_roles(B, T, gen), all_context=torch.full((B, T), CONTEXT),
+                 all_span=torch.full((B, T), SPAN))[kind]
     results = {}
     for backend in ("sdpa", "math"):
         model = tiny(attn_backend=backend, dropout=0.0)

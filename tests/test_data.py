@@ -45,7 +45,8 @@ def test_view_a_invariants_over_many_seeds(toy_corpus):
         assert ((mntp[:-1] != IGNORE) & (msg[:-1] != IGNORE)).sum() == 0
         unpicked = np.setdiff1d(np.arange(len(chunk)), picked)
         assert (tokens[unpicked] == chunk[unpicked]).all()  # only selected positions are ever changed
-        n_eligible += int((roles[1:] == CONTEXT).sum())
+        assert (chunk[picked] != tok.bos_id).all()  # never a BOS, also not one inside the chunk
+        n_eligible += int(((roles == CONTEXT) & (chunk != tok.bos_id)).sum())
         n_picked += len(picked)
         n_masked += int((tokens[picked] == tok.mask_id).sum())
         same = tokens[picked] == chunk[picked]
@@ -104,17 +105,17 @@ def test_toy_tags_are_contextual_where_the_lexicon_is_ambiguous():
 def test_corpus_cache_and_split(toy, tmp_path):
     corpus_path, _, tok = toy
     train = data.TextCorpus(corpus_path, tok, cache_dir=tmp_path)
-    cached = list(tmp_path.glob("*.tokens.npz"))
+    cached = list(tmp_path.glob("*.tokens.npy"))
     assert len(cached) == 1
     val = data.TextCorpus(corpus_path, tok, split="val", cache_dir=tmp_path)
-    assert len(list(tmp_path.glob("*.tokens.npz"))) == 1  # reused, not re-tokenized
+    assert len(list(tmp_path.glob("*.tokens.npy"))) == 1  # reused, not re-tokenized
     assert len(train.starts) + len(val.starts) == 600 and len(val.starts) == 30
     assert val.starts.min() > train.starts.max()
     assert tok.decode(train.tokens[train.starts[0]:train.ends[0]]) == data.read_paragraphs(corpus_path)[0]
     changed = tmp_path / "changed.txt"
     changed.write_text("Mia found a kite.\n\nTom found a ball.\n")
     data.TextCorpus(changed, tok, cache_dir=tmp_path, val_fraction=0.5)
-    assert len(list(tmp_path.glob("*.tokens.npz"))) == 2  # other source -> other cache
+    assert len(list(tmp_path.glob("*.tokens.npy"))) == 2  # other source -> other cache
 
 
 def test_clear_errors(tmp_path, toy):

@@ -64,15 +64,16 @@ def test_torchrun_two_processes_match_one_process(setup):
     run_main(args + [f"--out_dir={d / 'one'}"])
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(ROOT / "train.py")] + args + [f"--out_dir={d / 'two'}"],
+                           str(ROOT / "train.py")] + args + [f"--out_dir={d / 'two'}", f"--cache_dir={d / 'c2'}"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = losses(d / "one"), losses(d / "two")
     assert len(one) == len(two) == 4
     for a, b in zip(one, two):
-        for k in ("mntp", "msg", "sscl", "total"):
+        for k in ("mntp", "msg", "sscl", "total", "grad_norm"):  # grad_norm: a wrong gradient scale shows here
             assert b[k] == pytest.approx(a[k], rel=1e-4), (a["step"], k)
     assert one[-1]["total"] < one[0]["total"]
+    assert len(list((d / "c2").glob("*.npy"))) == 2  # rank 0 tokenized into the fresh cache, rank 1 read it
     # the exports of the sharded run equal those of the single process
     tokens = torch.randint(0, 256, (2, 20))
     m1, m2 = load_checkpoint(d / "one" / "merged"), load_checkpoint(d / "two" / "merged")
@@ -84,11 +85,24 @@ def test_resume_replays_the_uninterrupted_run(setup):
     run_main(common + ["--max_iters=8", f"--out_dir={d / 'straight'}"])
     run_main(common + ["--max_iters=8", "--stop_at=4", f"--out_dir={d / 'stopped'}"])
     assert not (d / "stopped" / "merged").exists() and len(losses(d / "stopped")) == 4
-    run_main(common + ["--max_iters=8", "--resume=true", f"--out_dir={d / 'stopped'}"])
+    run_main(common + ["--max_iters=8", "--stop_at=4", "--resume=true", f"--out_dir={d / 'stopped'}"])
+    assert (d / "stopped" / "merged" / "params.json").exists()  # the resumed run went on to the end and exported
     straight, resumed = losses(d / "straight"), losses(d / "stopped")
     assert [r["step"] for r in resumed] == list(range(8))
     for a, b in zip(straight, resumed):
         assert b["total"] == pytest.approx(a["total"], rel=1e-6, abs=1e-7)
+
+
+def test_gradient_accumulation_equals_the_larger_batch(setup):
+    """MNTP + MSG are token means over the whole step: 2 micro-batches of 2 rows = 1 batch of 4 rows. (SSCL is not
+    compared: its in-batch negatives are per micro-batch by design.)"""
+    d, common = setup
+    args = common + ["--max_iters=3", "--lora_dropout=0.0", "--w_sscl=0.0"]
+    run_main(args + ["--batch_size=4", f"--out_dir={d / 'big'}"])
+    run_main(args + ["--batch_size=2", "--grad_accum=2", f"--out_dir={d / 'accum'}"])
+    for a, b in zip(losses(d / "big"), losses(d / "accum")):
+        for k in ("mntp", "msg", "grad_norm"):
+            assert b[k] == pytest.approx(a[k], rel=1e-5), (a["step"], k)
 
 
 def test_exports_reload_and_equal_the_adapted_model(setup):
@@ -108,7 +122,7 @@ def test_a_crash_during_save_keeps_the_previous_checkpoint(setup, monkeypatch):
     out = d / "crash"
     run_main(common + ["--max_iters=6", "--stop_at=3", f"--out_dir={out}"])
     cfg = train.parse_config(common + [f"--out_dir={out}"])
-    tok, _, _ = train.setup_data(cfg, out)
+    tok, _, _ = train.setup_data(cfg, out, write=True)
     model = train.build_model(cfg, tok)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     assert train.load_state(out, model, opt) == 3
@@ -158,3 +172,8 @@ def test_an_existing_run_is_never_overwritten(setup, capsys):
     assert train.main(common + ["--max_iters=2", f"--out_dir={out}"]) == 1
     assert "already holds a run" in capsys.readouterr().err
     assert (out / "log.jsonl").read_text() == before
+    # asked to start over, an invalid new run still leaves the old one alone; a valid one replaces it entirely
+    assert train.main(common + ["--max_iters=3", "--overwrite=true", "--data=/nowhere.txt", f"--out_dir={out}"]) == 1
+    assert (out / "log.jsonl").read_text() == before
+    run_main(common + ["--max_iters=3", "--stop_at=1", "--overwrite=true", f"--out_dir={out}"])
+    assert len(losses(out)) == 1 and not (out / "merged").exists() and not (out / "adapter.pt").exists()
