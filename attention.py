@@ -35,7 +35,8 @@ def hybrid_mask(q_roles, q_pos, k_roles, k_pos):
     key_is_context = kr == CONTEXT
     span_causal = (qr == SPAN) & (kr == SPAN) & (k_pos[:, None, :] <= q_pos[:, :, None])
     allowed = (((qr == CONTEXT) | (qr == SPAN)) & key_is_context) | span_causal
-    own_key = torch.arange(S, device=q_roles.device)[None, :] == (S - T + torch.arange(T, device=q_roles.device))[:, None]
+    q_index = S - T + torch.arange(T, device=q_roles.device)  # the key index of each query's own token
+    own_key = torch.arange(S, device=q_roles.device)[None, :] == q_index[:, None]  # (T, S)
     allowed = allowed | ((qr == PAD) & own_key)  # (B, T, S)
     return allowed[:, None]  # (B, 1, T, S)
 

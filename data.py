@@ -234,8 +234,20 @@ def magnet_batch(corpus: TextCorpus, cfg: BatchConfig, rng, pairs=None):
     else:
         texts = [corpus.passage(rng, cfg.sscl_len) for _ in range(cfg.batch_size)]
         texts = texts + texts  # SimCSE: the positive is the same text under different dropout noise
-    batch["sscl_tokens"], batch["sscl_roles"], batch["sscl_last"] = sscl_views(texts, tok, cfg.sscl_len, cfg.instruction)
+    views = sscl_views(texts, tok, cfg.sscl_len, cfg.instruction)
+    batch["sscl_tokens"], batch["sscl_roles"], batch["sscl_last"] = views
     return batch
+
+
+def batch_rows(batch, i, n):
+    """Rows i/n of a magnet_batch (view A's rows and the matching rows of views B and C, so negatives stay aligned)."""
+    rows = batch["tokens"].shape[0] // n
+    take = slice(i * rows, (i + 1) * rows)
+    out = {k: batch[k][take] for k in ("tokens", "roles", "mntp_labels", "msg_labels")}
+    for k in ("sscl_tokens", "sscl_roles", "sscl_last"):
+        b, c = batch[k].chunk(2)  # views B and C are stacked
+        out[k] = torch.cat([b[take], c[take]])
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------

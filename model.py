@@ -316,6 +316,7 @@ def lora_layers(model):
 
 
 def merge_lora(model):
+    """Fold every adapter into its weight (inference without the LoRA branch); unmerge_lora undoes it."""
     for m in lora_layers(model):
         m.merge()
 
@@ -329,7 +330,8 @@ def save_adapter(model, path, overwrite=False):
     """Save only the LoRA matrices and their config: megabytes instead of the base model's gigabytes."""
     if not lora_layers(model):
         raise ValueError("the model has no LoRA adapter to save (call apply_lora first)")
-    _refuse_overwrite(Path(path), overwrite)
+    if Path(path).exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items() if "lora_" in k}
     _atomic_save({"lora_config": model.lora_config, "state_dict": state}, Path(path))
 
@@ -360,17 +362,14 @@ SHARD_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, 
 
 def merge_shards(shards, names):
     """Merge Meta model-parallel shards (state dicts) into one state dict by the SHARD_DIM rules."""
-    if len(shards) == 1:
-        return {k: v for k, v in shards[0].items() if k != "rope.freqs"}
     merged = {}
-    for key in shards[0]:
-        if key == "rope.freqs":  # a cached RoPE table in Meta's files; we compute RoPE on the fly
-            continue
-        for shard, name in zip(shards, names):
-            if key not in shard:
-                raise CheckpointError(f"{name}: key {key} is missing (it is in {names[0]})")
+    for key in (k for k in shards[0] if k != "rope.freqs"):  # rope.freqs: Meta's cached RoPE table, unused here
+        missing = [name for shard, name in zip(shards, names) if key not in shard]
+        if missing:
+            raise CheckpointError(f"{missing[0]}: key {key} is missing (it is in {names[0]})")
         dim = SHARD_DIM.get(key.split(".")[-2])
-        merged[key] = shards[0][key] if dim is None else torch.cat([s[key] for s in shards], dim=dim)
+        parts = [s[key] for s in shards]
+        merged[key] = parts[0] if dim is None or len(parts) == 1 else torch.cat(parts, dim=dim)
     return merged
 
 
@@ -474,11 +473,6 @@ def load_checkpoint(path, device="cpu", dtype=None, vocab_size=None, **overrides
     if dtype is None:
         dtype = torch.float32 if torch.device(device).type == "cpu" else state["tok_embeddings.weight"].dtype
     return model.to(device=device, dtype=dtype)
-
-
-def _refuse_overwrite(path: Path, overwrite):
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
 
 
 def _atomic_save(obj, path: Path):

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 import data
 from attention import PAD
-from data import IGNORE, BatchConfig, TextCorpus, Tokenizer
+from data import IGNORE, BatchConfig, TextCorpus, Tokenizer, batch_rows
 from magnet import Magnet
 from model import (CheckpointError, ModelArgs, Transformer, apply_lora, load_checkpoint, save_adapter,
                    save_checkpoint)
@@ -248,17 +248,6 @@ def lr_at(step, cfg):
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
-def part(batch, i, n):
-    """Rows i/n of a batch (view A's rows and the matching rows of views B and C, so negatives stay aligned)."""
-    rows = batch["tokens"].shape[0] // n
-    take = slice(i * rows, (i + 1) * rows)
-    out = {k: batch[k][take] for k in ("tokens", "roles", "mntp_labels", "msg_labels")}
-    for k in ("sscl_tokens", "sscl_roles", "sscl_last"):
-        b, c = batch[k].chunk(2)  # views B and C are stacked
-        out[k] = torch.cat([b[take], c[take]])
-    return out
-
-
 def train_step(magnet, opt, corpus, pairs, bcfg, cfg, step, rank, world):
     """One optimizer step. The step's batch (batch_size * grad_accum rows) is a function of (seed, step) alone;
     gradient accumulation splits it into micro-batches and data parallelism splits each micro-batch over ranks.
@@ -269,7 +258,7 @@ def train_step(magnet, opt, corpus, pairs, bcfg, cfg, step, rank, world):
     counts = {k: int((batch[f"{k}_labels"] != IGNORE).sum()) for k in ("mntp", "msg")}
     sums = {}
     for i in range(cfg.grad_accum):  # SSCL's in-batch negatives: the micro-batch's rows on all ranks
-        local = part(part(batch, i, cfg.grad_accum), rank, world)
+        local = batch_rows(batch_rows(batch, i, cfg.grad_accum), rank, world)
         # token losses: this rank's sum of cross-entropies / (global count / world), so that FSDP's average of
         # the ranks' gradients is the gradient of the global token mean; SSCL is a mean per micro-batch
         local.update({f"{k}_count": torch.tensor(max(1, counts[k]) / world) for k in counts})
