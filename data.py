@@ -185,7 +185,7 @@ def view_a(chunk, cfg: BatchConfig, tok: Tokenizer, rng):
     tokens, roles = chunk.copy(), np.full(n, CONTEXT)
     mntp, msg = np.full(n, IGNORE), np.full(n, IGNORE)
     if rng.random() < cfg.p_causal:  # a plain causal LM row: keeps left-to-right generation intact
-        roles[:] = SPAN
+        roles[:] = SPAN  # BOS too: "BOS + one span" attends exactly like this, and all-SPAN takes the causal kernel
         msg[:-1] = chunk[1:]
         return tokens, roles, mntp, msg
     for s, e in sample_spans(n, rng, cfg.max_spans, cfg.span_min, cfg.span_max):

@@ -173,7 +173,7 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.roles = torch.full((batch_size, max_len), PAD, dtype=torch.long, device=device)
         self.pos = torch.zeros((batch_size, max_len), dtype=torch.long, device=device)
-        self.length = 0  # positions stored so far
+        self.length = 0  # positions stored so far; Transformer.forward advances it after all layers have stored
 
     def extend(self, roles, positions):
         """Record the roles/positions of T new tokens; returns those of all keys, cached and new: (B, S) each."""

@@ -1,8 +1,8 @@
 """Paper scale (DESIGN §7): Llama-2-7B + MAGNET with LoRA r=16 on Wikitext-103 raw text, bf16, FSDP2 over all
 GPUs, activation checkpointing. Run with
-    torchrun --standalone --nproc_per_node=8 train.py config/llama2_7b.py \
-        --init_from=/path/to/llama-2-7b --data=/path/to/wikitext-103-raw/wiki.train.raw
-The tokenizer is the checkpoint directory's tokenizer.model. batch_size is rows per micro-step over all GPUs (8 x 4);
+    torchrun --standalone --nproc_per_node=8 train.py config/llama2_7b.py --init_from=/path/to/llama-2-7b \
+        --tokenizer=/path/to/tokenizer.model --data=/path/to/wikitext-103-raw/wiki.train.raw
+(Meta's download keeps tokenizer.model beside the llama-2-7b directory, not in it.) batch_size is rows per micro-step over all GPUs (8 x 4);
 with grad_accum = 4 a step sees 128 rows of 513 tokens."""
 out_dir = "out-llama2-7b"
 init_from = "llama-2-7b"
