@@ -131,3 +131,12 @@ def test_clear_errors_and_keep_going(tiny_ckpt, tmp_path, capsys):
     assert code == 1 and "no sentence pairs" in out.err
     code, out = run(["--suite=ppl,nonsense", f"--ckpt={tiny_ckpt}"], capsys)
     assert code == 1 and "nonsense" in out.err
+
+
+def test_word_features_take_each_words_first_piece(tiny_ckpt):
+    m = ev.load(str(tiny_ckpt), ev.EvalConfig())[1]
+    words = ["Under", "the", "tree,", "Tom", "discovered", "a", "lamp."]
+    pieces, feats = m.token_features(" ".join(words))
+    firsts = [i for i, p in enumerate(pieces) if p.startswith("▁")]  # SentencePiece marks a word start with ▁
+    assert len(firsts) == len(words) < len(pieces)  # some words span several pieces
+    assert torch.equal(ev.word_features(m, words), feats[firsts])
