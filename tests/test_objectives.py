@@ -107,4 +107,4 @@ def test_overfits_one_fixed_batch(toy, toy_corpus, weights):
         first = first or {k: v.item() for k, v in losses.items()}
     trained = [k for k in ("mntp", "msg", "sscl") if weights.get(f"w_{k}", 1)] + ["total"]
     for k in trained:
-        assert float(losses[k]) < 0.1 * first[k], (k, first[k], float(losses[k]))
+        assert losses[k].item() < 0.1 * first[k], (k, first[k], losses[k].item())
