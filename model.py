@@ -492,12 +492,9 @@ def merged_state_dict(model: Transformer):
     return state
 
 
-def save_checkpoint(model: Transformer, directory, overwrite=False, state=None):
+def save_checkpoint(model: Transformer, directory, overwrite=False):
     """Write a Meta-format checkpoint (params.json + consolidated.00.pth) that load_checkpoint reads back.
-
-    LoRA updates are folded in, so the file is the adapted model in the base model's format. `state` may be given
-    (e.g. a full state dict gathered from FSDP); by default it is merged_state_dict(model).
-    """
+    LoRA updates are folded in, so the file is the adapted model in the base model's format."""
     directory = Path(directory)
     if not overwrite and ((directory / "params.json").exists() or any(directory.glob("consolidated.*.pth"))):
         raise FileExistsError(f"{directory} already holds a checkpoint; pass overwrite=True to replace it")
@@ -508,5 +505,5 @@ def save_checkpoint(model: Transformer, directory, overwrite=False, state=None):
     # keep params.json readable by Meta's own Llama-2 code: write our extra keys only when they are not the default
     params = {k: v for k, v in params.items()
               if v is not None and not (k in ("rope_theta", "tie_embeddings") and v == getattr(ModelArgs, k))}
-    _atomic_save(merged_state_dict(model) if state is None else state, directory / "consolidated.00.pth")
+    _atomic_save(merged_state_dict(model), directory / "consolidated.00.pth")
     (directory / "params.json").write_text(json.dumps(params, indent=2) + "\n")
