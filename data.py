@@ -27,8 +27,8 @@ IGNORE = -100  # label of positions that are not a target (torch's cross_entropy
 # Tokenizer
 
 class Tokenizer:
-    """SentencePiece with explicit special ids. The MNTP mask token is the piece "_" where the vocabulary has it
-    (Llama-2: id 29918, as LLM2Vec uses), otherwise `mask_piece` if given, otherwise unk."""
+    """SentencePiece with explicit special ids. The MNTP mask token is the piece `mask_piece` (default "_": id 29918
+    in Llama-2, as LLM2Vec uses), or unk where the vocabulary has no such piece."""
 
     def __init__(self, path, mask_piece="_"):
         path = Path(path)
@@ -191,7 +191,8 @@ def view_a(chunk, cfg: BatchConfig, tok: Tokenizer, rng):
     for s, e in sample_spans(n, rng, cfg.max_spans, cfg.span_min, cfg.span_max):
         roles[s:e] = SPAN
         msg[s - 1:e - 1] = chunk[s:e]
-    eligible = np.flatnonzero((roles == CONTEXT) & (chunk != tok.bos_id))  # never BOS (nor one inside the chunk)
+    # never position 0, never a BOS (also one inside the chunk, where a new paragraph starts)
+    eligible = np.flatnonzero((roles == CONTEXT) & (chunk != tok.bos_id) & (np.arange(n) > 0))
     picked = eligible[rng.random(len(eligible)) < cfg.mntp_rate]
     mntp[picked - 1] = chunk[picked]
     action = rng.random(len(picked))  # 80% mask token, 10% a random token, 10% unchanged (BERT's recipe)

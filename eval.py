@@ -54,6 +54,7 @@ class EvalConfig:
     pooling: str = "last"
     out: str = "eval.json"
     keep_going: bool = False
+    cache_dir: str = ".cache"  # tokenized --text_data (as train.py's)
     device: str = "cpu"  # "cuda" evaluates in the checkpoint's dtype (bf16 for Meta's files) on the GPU
 
 
@@ -138,7 +139,7 @@ def held_out_passages(cfg, tok):
     if cfg.text_data == "toy":
         stories = data.toy_stories(cfg.limit or 200, data.EVAL_SEED + cfg.seed)
         return [tok.encode(s, bos=True)[:cfg.max_len] for s in stories]
-    corpus = TextCorpus(cfg.text_data, tok, split="val")
+    corpus = TextCorpus(cfg.text_data, tok, split="val", cache_dir=cfg.cache_dir)
     rows = [corpus.tokens[s:e][:cfg.max_len].tolist() for s, e in zip(corpus.starts, corpus.ends)]
     return rows[:cfg.limit or None]
 
@@ -375,7 +376,7 @@ def main(argv):
                     report["results"][name][s] = {"error": str(e)}
         Path(cfg.out).write_text(json.dumps(report, indent=2) + "\n")
         print(markdown(report["results"]))
-    except (EvalError, CheckpointError, ValueError, FileNotFoundError) as e:
+    except (EvalError, CheckpointError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

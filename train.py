@@ -2,7 +2,8 @@
 
     python train.py                                   # the toy world on a CPU (config/toy.py's defaults)
     python train.py config/stories260k.py --max_iters=200
-    torchrun --standalone --nproc_per_node=8 train.py config/llama2_7b.py --data=wiki.train.raw
+    torchrun --standalone --nproc_per_node=8 train.py config/llama2_7b.py --init_from=llama-2-7b \
+        --tokenizer=tokenizer.model --data=wiki.train.raw
 
 Without RANK in the environment it runs as one process; under torchrun it shards the model with FSDP2 (nccl on
 CUDA, gloo on CPU). Every rank builds the global batch of a step from (seed, step) and keeps its own slice, and
@@ -11,6 +12,7 @@ one process with the same global batch. Checkpoints hold the trainable state and
 and the random streams are functions of the step, so resuming replays the uninterrupted run exactly.
 """
 import ast
+import datetime
 import json
 import math
 import os
@@ -27,7 +29,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
-from attention import PAD
+from attention import BACKENDS, PAD
 from data import IGNORE, BatchConfig, TextCorpus, Tokenizer, batch_rows
 from magnet import Magnet
 from model import (CheckpointError, ModelArgs, Transformer, apply_lora, load_checkpoint, save_adapter,
@@ -145,7 +147,8 @@ def setup_distributed(cfg):
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if "RANK" not in os.environ:
         return 0, 1, torch.device(device)
-    dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    # a long timeout: rank 0 alone tokenizes a new corpus (minutes for Wikitext-103) while the others wait
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
     if device == "cuda":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         return dist.get_rank(), dist.get_world_size(), torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -177,7 +180,7 @@ def rank0_first(fn, rank, world):
     if rank == 0:
         try:
             result = fn()
-        except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
+        except Exception as e:  # any failure: the other ranks must hear of it, not wait in the broadcast below
             error = e
     if world > 1:
         box = [error]
@@ -370,22 +373,37 @@ def demo(out, seed):
 # ----------------------------------------------------------------------------------------------------------------
 # The run
 
+def check(cfg, world):
+    """Reject a bad configuration before anything is trained or overwritten."""
+    problems = [msg for bad, msg in [
+        (cfg.batch_size % world, f"batch_size={cfg.batch_size} must be divisible by the {world} processes"),
+        (not 1 <= cfg.span_min <= cfg.span_max, f"need 1 <= span_min <= span_max (got {cfg.span_min}, {cfg.span_max})"),
+        (not (0 <= cfg.p_causal <= 1 and 0 <= cfg.mntp_rate <= 1), "p_causal and mntp_rate must be in [0, 1]"),
+        (cfg.lora and cfg.lora_rank <= 0, f"lora_rank must be > 0 (got {cfg.lora_rank})"),
+        (cfg.pooling not in ("last", "mean"), f"pooling must be 'last' or 'mean' (got {cfg.pooling!r})"),
+        (cfg.attn_backend not in BACKENDS, f"attn_backend must be one of {BACKENDS} (got {cfg.attn_backend!r})"),
+        (cfg.init_from != "scratch" and not Path(cfg.init_from).exists(),
+         f"init_from={cfg.init_from}: no such checkpoint"),
+        (cfg.data != "toy" and not all(Path(p).is_file() for p in cfg.data.split(",")),
+         f"data={cfg.data}: corpus file not found"),
+    ] if bad]
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
 def run(cfg, rank, world, device):
     out = Path(cfg.out_dir)
     if (out / "log.jsonl").exists() and not (cfg.resume or cfg.overwrite):
         raise ConfigError(f"{out} already holds a run; pass --resume=true to continue it, --overwrite=true to "
                           "start over, or another --out_dir")
-    if cfg.batch_size % world:
-        raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by the {world} processes")
+    check(cfg, world)
     if cfg.init_from == "scratch" and cfg.lora and cfg.pretrain_iters > 0:
         base = out / "base"  # phase 1: a causal base model, fully trained, then LoRA-adapted with MAGNET
         if cfg.overwrite or not (base / "merged" / "params.json").exists():
             run(Config(**{**asdict(cfg), **dict(out_dir=str(base), lora=False, p_causal=1.0, w_mntp=0.0,
                                                 w_sscl=0.0, max_iters=cfg.pretrain_iters, pretrain_iters=0,
-                                                demo=False)}), rank, world, device)
+                                                stop_at=0, demo=False)}), rank, world, device)
         cfg = Config(**{**asdict(cfg), "init_from": str(base / "merged")})
-    if cfg.init_from != "scratch" and not Path(cfg.init_from).exists():
-        raise ConfigError(f"init_from={cfg.init_from}: no such checkpoint")
     tok, corpus, pairs = rank0_first(lambda: setup_data(cfg, out, write=rank == 0), rank, world)
     full = rank0_first(lambda: build_model(cfg, tok) if rank == 0 else None, rank, world)
     if rank == 0 and cfg.overwrite and not cfg.resume:  # asked to start over, and the new run is valid: clear the old
@@ -426,7 +444,7 @@ def run(cfg, rank, world, device):
                             tok_s=f"{record['tokens_per_s']:.0f}")
         if (step + 1) % cfg.ckpt_interval == 0 or step + 1 in (cfg.max_iters, cfg.stop_at):
             save_state(out, model, opt, step + 1, rank)
-        if step + 1 == cfg.stop_at:
+        if step + 1 == cfg.stop_at < cfg.max_iters:
             stopped = True
             break
     if rank == 0:

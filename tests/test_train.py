@@ -105,6 +105,19 @@ def test_gradient_accumulation_equals_the_larger_batch(setup):
             assert b[k] == pytest.approx(a[k], rel=1e-5), (a["step"], k)
 
 
+def test_two_phase_run_from_scratch_with_stop_and_resume(tmp_path):
+    """init_from=scratch + LoRA: phase 1 trains a causal base (never stopped early), phase 2 adapts it; stop_at
+    stops phase 2 only, and stop_at == max_iters still exports."""
+    small = ["--dim=32", "--n_layers=1", "--n_heads=2", "--batch_size=2", "--seq_len=32", "--sscl_len=12",
+             "--pretrain_iters=2", "--max_iters=3", f"--out_dir={tmp_path / 'run'}", f"--cache_dir={tmp_path}",
+             "--demo=false"]
+    run_main(small + ["--stop_at=1"])
+    assert (tmp_path / "run" / "base" / "merged" / "params.json").exists()
+    assert len(losses(tmp_path / "run" / "base")) == 2 and len(losses(tmp_path / "run")) == 1
+    run_main(small + ["--stop_at=3", "--resume=true"])
+    assert (tmp_path / "run" / "adapter.pt").exists() and len(losses(tmp_path / "run")) == 3
+
+
 def test_exports_reload_and_equal_the_adapted_model(setup):
     d, common = setup
     run_main(common + ["--max_iters=5", f"--out_dir={d / 'exp'}"])
@@ -151,6 +164,7 @@ def test_a_crash_during_save_keeps_the_previous_checkpoint(setup, monkeypatch):
     (["--tokenizer={other_tok}"], "vocabulary has 256 tokens but the tokenizer's has 512"),
     (["--bogus=1"], "unknown key 'bogus'"),
     (["--init_from=/nowhere/base"], "no such checkpoint"),
+    (["--span_min=0"], "need 1 <= span_min <= span_max"),
 ])
 def test_bad_input_exits_nonzero_with_a_clear_error(setup, capsys, bad, message):
     d, common = setup
