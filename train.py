@@ -191,12 +191,22 @@ def rank0_first(fn, rank, world):
     return fn() if rank != 0 else result
 
 
+def base_dtype(cfg):
+    """With LoRA on a GPU the frozen base is bf16 (and the adapters fp32); without LoRA everything trains in fp32."""
+    return torch.bfloat16 if cfg.lora and torch.cuda.is_available() and cfg.device != "cpu" else torch.float32
+
+
+def add_lora(model, cfg):
+    apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+    for m in model.modules():  # adapters train in fp32 even when the base is bf16
+        if hasattr(m, "lora_A"):
+            m.lora_A.data, m.lora_B.data = m.lora_A.data.float(), m.lora_B.data.float()
+
+
 def build_model(cfg, tok):
-    """The full model on the CPU (rank 0 only), LoRA applied, seeded: the one initial state of every run.
-    With LoRA on a GPU the frozen base is bf16 and the adapters fp32; without LoRA everything trains in fp32."""
+    """The full model on the CPU (rank 0 only), LoRA applied, seeded: the one initial state of every run."""
     torch.manual_seed(cfg.seed)
-    on_gpu = torch.cuda.is_available() and cfg.device != "cpu"
-    dtype = torch.bfloat16 if on_gpu and cfg.lora else torch.float32
+    dtype = base_dtype(cfg)
     runtime = dict(attn_backend=cfg.attn_backend, dropout=cfg.dropout)
     if cfg.init_from == "scratch":
         args = ModelArgs(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads or None,
@@ -210,22 +220,19 @@ def build_model(cfg, tok):
         raise ConfigError(f"seq_len={cfg.seq_len} / sscl_len={cfg.sscl_len} need {longest} positions, beyond the "
                           f"model's max_seq_len={model.args.max_seq_len}")
     if cfg.lora:
-        apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
-        for m in model.modules():  # adapters train in fp32 even when the base is bf16
-            if hasattr(m, "lora_A"):
-                m.lora_A.data, m.lora_B.data = m.lora_A.data.float(), m.lora_B.data.float()
+        add_lora(model, cfg)
     return model
 
 
-def shard(model_or_none, args, lora_config, cfg, rank, device):
-    """FSDP2: build an empty copy on the meta device, shard it per block and at the root, then let rank 0's full
-    state dict be broadcast into the shards (so a 7B base is in host memory once, not once per rank)."""
+def shard(model_or_none, args, cfg, rank, device):
+    """FSDP2: build an empty copy (same dtypes) on the meta device, shard it per block and at the root, then let
+    rank 0's full state dict be broadcast into the shards (so a 7B base is in host memory once, not once per rank)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     with torch.device("meta"):
-        sharded = Transformer(args)
-        if lora_config:
-            apply_lora(sharded, **lora_config)
+        sharded = Transformer(args).to(base_dtype(cfg))
+        if cfg.lora:
+            add_lora(sharded, cfg)
     # bf16 compute, fp32 gradient reduction; forward inputs are not cast, so the RoPE angles stay fp32
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False) \
         if device.type == "cuda" else MixedPrecisionPolicy()
@@ -410,9 +417,9 @@ def run(cfg, rank, world, device):
         for name in ("ckpt", "ckpt.tmp", "ckpt.old", "merged", "adapter.pt", "log.jsonl", "config.json"):
             shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink(missing_ok=True)
     if world > 1:
-        shapes = [(full.args, getattr(full, "lora_config", None)) if rank == 0 else None]
-        dist.broadcast_object_list(shapes, src=0)
-        model = shard(full, *shapes[0], cfg, rank, device)
+        args = [full.args if rank == 0 else None]
+        dist.broadcast_object_list(args, src=0)
+        model = shard(full, args[0], cfg, rank, device)
     else:
         model = full.to(device)
     model.checkpoint_activations = cfg.activation_checkpointing
