@@ -83,6 +83,7 @@ class Config:
     warmup_iters: int = 20
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    spike_factor: float = 10.0  # stop if a step's loss exceeds this many times the median of the last 50 (0 = off)
     # system
     device: str = "auto"  # auto = cuda if available
     activation_checkpointing: bool = False
@@ -258,7 +259,7 @@ def lr_at(step, cfg):
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
-def train_step(magnet, opt, corpus, pairs, bcfg, cfg, step, rank, world):
+def train_step(magnet, opt, corpus, pairs, bcfg, cfg, step, rank, world, max_total=math.inf):
     """One optimizer step. The step's batch (batch_size * grad_accum rows) is a function of (seed, step) alone;
     gradient accumulation splits it into micro-batches and data parallelism splits each micro-batch over ranks.
     Returns the step's losses (global means) and the number of tokens it processed."""
@@ -286,9 +287,10 @@ def train_step(magnet, opt, corpus, pairs, bcfg, cfg, step, rank, world):
     out["total"] = sum(magnet.weights[k] * v for k, v in out.items())
     norm = torch.nn.utils.clip_grad_norm_([p for p in magnet.model.parameters() if p.requires_grad], cfg.grad_clip)
     out["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-    if not all(math.isfinite(v) for v in out.values()):  # every rank sees the same reduced values
-        raise TrainingError(f"non-finite loss or gradient at step {step} ({out}); stopped before the update. The "
-                            "last checkpoint is intact: --resume=true continues from it (perhaps with a lower --lr)")
+    if not all(math.isfinite(v) for v in out.values()) or out["total"] > max_total:  # same values on every rank
+        raise TrainingError(f"non-finite or spiking loss at step {step} ({out}; limit {max_total:.3g}); stopped "
+                            "before the update. The last checkpoint is intact: --resume=true continues from it "
+                            "(perhaps with a lower --lr)")
     for g in opt.param_groups:
         g["lr"] = lr_at(step, cfg)
     opt.step()
@@ -438,11 +440,13 @@ def run(cfg, rank, world, device):
         log.write("".join(r + "\n" for r in kept))
     bar = tqdm(range(start, cfg.max_iters), initial=start, total=cfg.max_iters, disable=rank != 0,
                desc=out.name, dynamic_ncols=True)
-    stopped = False
+    stopped, recent = False, []
     for step in bar:
         t0 = time.perf_counter()
+        max_total = cfg.spike_factor * float(np.median(recent)) if cfg.spike_factor and len(recent) >= 20 else math.inf
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda" and world == 1):
-            losses, tokens = train_step(magnet, opt, corpus, pairs, bcfg, cfg, step, rank, world)
+            losses, tokens = train_step(magnet, opt, corpus, pairs, bcfg, cfg, step, rank, world, max_total)
+        recent = (recent + [losses["total"]])[-50:]
         if rank == 0:
             record = dict(step=step, lr=lr_at(step, cfg), tokens_per_s=tokens / (time.perf_counter() - t0), **losses)
             log.write(json.dumps(record) + "\n")

@@ -178,6 +178,29 @@ def test_bad_input_exits_nonzero_with_a_clear_error(setup, capsys, bad, message)
     assert not (out / "log.jsonl").exists() and not (out / "merged").exists()
 
 
+def test_a_loss_spike_stops_the_run_before_the_update(setup, capsys, monkeypatch):
+    d, common = setup
+    real = train.Magnet.losses
+    calls = []
+
+    def spiking(self, batch):
+        out = real(self, batch)
+        calls.append(1)
+        if len(calls) == 25:  # step 24: every loss x 1000
+            out = {k: v * 1000 for k, v in out.items()}
+        return out
+
+    monkeypatch.setattr(train.Magnet, "losses", spiking)
+    out = d / "spike"
+    assert train.main(common + ["--max_iters=30", "--ckpt_interval=10", f"--out_dir={out}"]) == 1
+    assert "spiking loss at step 24" in capsys.readouterr().err
+    assert len(losses(out)) == 24 and not (out / "merged").exists()
+    cfg = train.parse_config(common + [f"--out_dir={out}"])
+    tok, _, _ = train.setup_data(cfg, out, write=True)
+    model = train.build_model(cfg, tok)
+    assert train.load_state(out, model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])) == 20
+
+
 def test_an_existing_run_is_never_overwritten(setup, capsys):
     d, common = setup
     out = d / "kept"
