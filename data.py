@@ -144,8 +144,8 @@ def read_pairs(path):
 
 @dataclass
 class BatchConfig:
-    batch_size: int = 8
-    seq_len: int = 256  # view A: BOS + up to seq_len tokens
+    batch_size: int = 16  # rows per micro-step, over all ranks; a step sees batch_size * grad_accum rows
+    seq_len: int = 128  # view A: BOS + up to seq_len tokens
     max_spans: int = 3
     span_min: int = 8
     span_max: int = 32

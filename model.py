@@ -67,14 +67,6 @@ PARAMS_JSON_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", 
                       "ffn_dim_multiplier", "norm_eps", "rope_theta", "tie_embeddings")
 
 
-def args_from_params(params, source, **overrides):
-    """ModelArgs from a params.json dict; unknown keys are an error (they would change the numerics silently)."""
-    unknown = set(params) - set(PARAMS_JSON_FIELDS)
-    if unknown:
-        raise CheckpointError(f"{source}: unsupported key(s) {sorted(unknown)}; known: {list(PARAMS_JSON_FIELDS)}")
-    return ModelArgs(**{**params, **overrides})
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The Llama-2 blocks
 
@@ -160,12 +152,10 @@ class TransformerBlock(nn.Module):
 
 
 class KVCache:
-    """Keys and values of every layer for the positions processed so far, with their roles and positions.
-
-    Keeping roles and positions lets the hybrid mask be rebuilt for each new query, so one cache serves causal
-    generation (all SPAN) and infilling (encode the CONTEXT once, then decode SPAN tokens one at a time: context
-    never attends to the span, so its cached K/V are already final).
-    """
+    """Keys and values of every layer for the positions processed so far, with their roles and positions, so the
+    hybrid mask can be rebuilt for each new query: one cache serves causal generation (all SPAN) and infilling
+    (encode the CONTEXT once, then decode SPAN tokens one at a time; context never attends to the span, so its
+    cached K/V are already final)."""
 
     def __init__(self, args: ModelArgs, batch_size, max_len, device="cpu", dtype=torch.float32):
         shape = (args.n_layers, batch_size, args.kv_heads, max_len, args.head_dim)
@@ -455,7 +445,10 @@ def load_checkpoint(path, device="cpu", dtype=None, vocab_size=None, **overrides
         overrides.setdefault("max_seq_len", seq_len)
     else:
         raise CheckpointError(f"{path}: no such checkpoint (expected a Meta directory or a llama2.c .bin file)")
-    args = args_from_params(params, source, **overrides)
+    unknown = set(params) - set(PARAMS_JSON_FIELDS)  # e.g. Llama-3's use_scaled_rope: would change the numerics
+    if unknown:
+        raise CheckpointError(f"{source}: unsupported key(s) {sorted(unknown)}; known: {list(PARAMS_JSON_FIELDS)}")
+    args = ModelArgs(**{**params, **overrides})
     if vocab_size is not None and vocab_size != args.vocab_size:
         raise CheckpointError(f"{path}: the checkpoint's vocabulary has {args.vocab_size} tokens but the tokenizer's "
                               f"has {vocab_size}; they must come from the same model")

@@ -37,7 +37,7 @@ from model import (CheckpointError, ModelArgs, Transformer, apply_lora, load_che
 
 
 @dataclass
-class Config:
+class Config(BatchConfig):  # every key of the MAGNET batch, plus these
     out_dir: str = "out"
     init_from: str = "scratch"  # a base checkpoint (Meta directory or llama2.c .bin), or "scratch"
     pretrain_iters: int = 1000  # with init_from=scratch and lora: first train a causal base for this many steps
@@ -60,16 +60,7 @@ class Config:
     lora_rank: int = 16
     lora_alpha: float = 32.0
     lora_dropout: float = 0.05
-    # the MAGNET batch (data.BatchConfig) and objectives
-    batch_size: int = 16  # rows per micro-step, over all ranks; a step sees batch_size * grad_accum rows
-    seq_len: int = 128
-    max_spans: int = 3
-    span_min: int = 8
-    span_max: int = 32
-    p_causal: float = 0.1
-    mntp_rate: float = 0.2
-    sscl_len: int = 48
-    instruction: str = ""
+    # objectives (the batch keys, batch_size ... instruction, are inherited from data.BatchConfig)
     w_mntp: float = 1.0
     w_msg: float = 1.0
     w_sscl: float = 1.0
@@ -107,11 +98,11 @@ def parse_config(argv):
         if key not in types:
             raise ConfigError(f"{where}: unknown key {key!r}; valid keys: {', '.join(types)}")
         t = types[key]
-        if isinstance(value, str) and t is not str:
+        if isinstance(value, str) and t is not str:  # from the command line
             try:
                 value = {"true": True, "false": False}[value.lower()] if t is bool else t(value)
             except (KeyError, ValueError):
-                raise ConfigError(f"{where}: {key} expects {t.__name__}, got {value!r}") from None
+                pass  # still a str: reported just below
         if t is float and type(value) is int:
             value = float(value)
         if type(value) is not t:
@@ -129,15 +120,16 @@ def parse_config(argv):
         if not path.is_file():
             raise ConfigError(f"{arg}: config file not found")
         for node in ast.parse(path.read_text(), filename=arg).body:
-            if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):  # a docstring
-                continue
+            where = f"{arg}, line {node.lineno}"
+            if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+                continue  # a docstring
+            if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+                raise ConfigError(f"{where}: expected `key = literal`")
             try:
-                assert isinstance(node, ast.Assign) and len(node.targets) == 1
-                set_key(node.targets[0].id, ast.literal_eval(node.value), f"{arg}, line {node.lineno}")
-            except (AssertionError, AttributeError, ValueError) as e:
-                if isinstance(e, ConfigError):
-                    raise
-                raise ConfigError(f"{arg}, line {node.lineno}: expected `key = literal`") from None
+                value = ast.literal_eval(node.value)
+            except ValueError:
+                raise ConfigError(f"{where}: expected `key = literal`") from None
+            set_key(node.targets[0].id, value, where)
     return cfg
 
 
@@ -259,12 +251,12 @@ def lr_at(step, cfg):
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
-def train_step(magnet, opt, corpus, pairs, bcfg, cfg, step, rank, world, max_total=math.inf):
+def train_step(magnet, opt, corpus, pairs, cfg, step, rank, world, max_total=math.inf):
     """One optimizer step. The step's batch (batch_size * grad_accum rows) is a function of (seed, step) alone;
     gradient accumulation splits it into micro-batches and data parallelism splits each micro-batch over ranks.
     Returns the step's losses (global means) and the number of tokens it processed."""
     torch.manual_seed(cfg.seed * 1_000_003 + step * 1009 + rank)  # dropout noise: a function of (seed, step, rank)
-    batch = data.magnet_batch(corpus, replace(bcfg, batch_size=cfg.batch_size * cfg.grad_accum),
+    batch = data.magnet_batch(corpus, replace(cfg, batch_size=cfg.batch_size * cfg.grad_accum),
                               np.random.default_rng([cfg.seed, step]), pairs)
     counts = {k: int((batch[f"{k}_labels"] != IGNORE).sum()) for k in ("mntp", "msg")}
     sums = {}
@@ -409,10 +401,9 @@ def run(cfg, rank, world, device):
     if cfg.init_from == "scratch" and cfg.lora and cfg.pretrain_iters > 0:
         base = out / "base"  # phase 1: a causal base model, fully trained, then LoRA-adapted with MAGNET
         if cfg.overwrite or not (base / "merged" / "params.json").exists():
-            run(Config(**{**asdict(cfg), **dict(out_dir=str(base), lora=False, p_causal=1.0, w_mntp=0.0,
-                                                w_sscl=0.0, max_iters=cfg.pretrain_iters, pretrain_iters=0,
-                                                stop_at=0, demo=False)}), rank, world, device)
-        cfg = Config(**{**asdict(cfg), "init_from": str(base / "merged")})
+            run(replace(cfg, out_dir=str(base), lora=False, p_causal=1.0, w_mntp=0.0, w_sscl=0.0,
+                        max_iters=cfg.pretrain_iters, pretrain_iters=0, stop_at=0, demo=False), rank, world, device)
+        cfg = replace(cfg, init_from=str(base / "merged"))
     tok, corpus, pairs = rank0_first(lambda: setup_data(cfg, out, write=rank == 0), rank, world)
     full = rank0_first(lambda: build_model(cfg, tok) if rank == 0 else None, rank, world)
     if rank == 0 and cfg.overwrite and not cfg.resume:  # asked to start over, and the new run is valid: clear the old
@@ -429,7 +420,6 @@ def run(cfg, rank, world, device):
                     cfg.instruction)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
-    bcfg = BatchConfig(**{f.name: getattr(cfg, f.name) for f in fields(BatchConfig)})
     start = load_state(out, model, opt) if cfg.resume and (out / "log.jsonl").exists() else 0
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -445,7 +435,7 @@ def run(cfg, rank, world, device):
         t0 = time.perf_counter()
         max_total = cfg.spike_factor * float(np.median(recent)) if cfg.spike_factor and len(recent) >= 20 else math.inf
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda" and world == 1):
-            losses, tokens = train_step(magnet, opt, corpus, pairs, bcfg, cfg, step, rank, world, max_total)
+            losses, tokens = train_step(magnet, opt, corpus, pairs, cfg, step, rank, world, max_total)
         recent = (recent + [losses["total"]])[-50:]
         if rank == 0:
             record = dict(step=step, lr=lr_at(step, cfg), tokens_per_s=tokens / (time.perf_counter() - t0), **losses)

@@ -45,7 +45,7 @@ def test_config_file_and_overrides(tmp_path):
     cfg_file.write_text('"""doc"""\nlr = 1e-4  # a comment\nlora = False\nmax_iters = 7\n')
     cfg = train.parse_config([str(cfg_file), "--max_iters=9", "--instruction=Retrieve: x"])
     assert (cfg.lr, cfg.lora, cfg.max_iters, cfg.instruction) == (1e-4, False, 9, "Retrieve: x")
-    with pytest.raises(train.ConfigError, match="unknown key 'max_iter'; valid keys: out_dir"):
+    with pytest.raises(train.ConfigError, match="unknown key 'max_iter'; valid keys: .*out_dir.*max_iters"):
         train.parse_config(["--max_iter=3"])
     with pytest.raises(train.ConfigError, match="lr expects float"):
         train.parse_config(["--lr=fast"])
