@@ -56,13 +56,14 @@ def plan_attention(q_roles, q_pos, k_roles, k_pos, cached):
     return hybrid_mask(q_roles, q_pos, k_roles, k_pos), False
 
 
-def attend(q, k, v, mask, is_causal, backend="sdpa"):
+def attend(q, k, v, mask, is_causal, backend="sdpa", dropout=0.0):
     """Multi-head attention. q: (B, H, T, hd); k, v: (B, Hkv, S, hd) with H a multiple of Hkv (GQA).
 
-    mask: None or bool (B, 1, T, S); is_causal: plain causal attention (only when T == S). Returns (B, H, T, hd).
+    mask: None or bool (B, 1, T, S); is_causal: plain causal attention (only when T == S). dropout: probability of
+    zeroing an attention weight (SSCL's SimCSE noise; 0 everywhere else). Returns (B, H, T, hd).
     """
     if backend == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout,
                                               enable_gqa=k.shape[1] != q.shape[1])
     if backend != "math":
         raise ValueError(f"unknown attention backend {backend!r}: expected one of {BACKENDS}")
@@ -75,5 +76,7 @@ def attend(q, k, v, mask, is_causal, backend="sdpa"):
     scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.shape[-1])  # (B, H, T, S)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    probs = F.softmax(scores, dim=-1).to(q.dtype)
-    return probs @ v  # (B, H, T, hd)
+    probs = F.softmax(scores, dim=-1)
+    if dropout:
+        probs = F.dropout(probs, dropout)
+    return probs.to(q.dtype) @ v  # (B, H, T, hd)  # (B, H, T, hd)

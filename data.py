@@ -49,6 +49,27 @@ class Tokenizer:
     def decode(self, ids):
         return self.sp.decode([int(i) for i in ids])
 
+    def encode_after(self, prefix, text):
+        """The ids `text` has where it follows `prefix` in one string (lm-evaluation-harness's rule): encode the
+        whole, drop the prefix's ids; whitespace that ends `prefix` moves to `text`. Encoding `text` alone is not
+        the same: SentencePiece's dummy prefix turns " under" into a stray "▁" (id 29871 in Llama-2) + "▁under"."""
+        head = prefix.rstrip()
+        head_ids, ids = self.encode(head), self.encode(prefix + text)
+        n = 0
+        while n < min(len(head_ids), len(ids)) and head_ids[n] == ids[n]:  # = len(head_ids) unless a merge
+            n += 1  # crossed the boundary; then the first differing piece goes with `text`
+        return ids[n:]
+
+    def context_ids(self, left, right):
+        """BOS + left, and right, for infilling a gap between them, tokenized as in the whole text. A gap holds
+        whole words: whitespace at its edges goes with the word after it ("a" + " kite" + " under"), and a right
+        side that starts with a letter or digit starts a new word; one that starts with punctuation ("'s") joins
+        the gap's last word, which stands in as the left text's."""
+        left = left.rstrip()
+        if right[:1].isalnum():
+            right = " " + right
+        return self.encode(left, bos=True), self.encode_after(left or "x", right)
+
 
 def train_tokenizer(texts, path, vocab_size):
     """Train a small BPE SentencePiece model (unk=0, bos=1, eos=2, as Llama's) on `texts`; writes `path`."""
@@ -188,11 +209,17 @@ def view_a(chunk, cfg: BatchConfig, tok: Tokenizer, rng):
         roles[:] = SPAN  # BOS too: "BOS + one span" attends exactly like this, and all-SPAN takes the causal kernel
         msg[:-1] = chunk[1:]
         return tokens, roles, mntp, msg
+    is_bos = chunk == tok.bos_id
+    in_span = np.zeros(n, dtype=bool)
     for s, e in sample_spans(n, rng, cfg.max_spans, cfg.span_min, cfg.span_max):
-        roles[s:e] = SPAN
-        msg[s - 1:e - 1] = chunk[s:e]
-    # never position 0, never a BOS (also one inside the chunk, where a new paragraph starts)
-    eligible = np.flatnonzero((roles == CONTEXT) & (chunk != tok.bos_id) & (np.arange(n) > 0))
+        in_span[s:e] = True
+    # a BOS inside the chunk (a new paragraph starts there) stays CONTEXT, cutting a span that covers it in two:
+    # no span target is ever a document boundary
+    span_pos = np.flatnonzero(in_span & ~is_bos)
+    roles[span_pos] = SPAN
+    msg[span_pos - 1] = chunk[span_pos]
+    # never position 0, never a BOS
+    eligible = np.flatnonzero((roles == CONTEXT) & ~is_bos & (np.arange(n) > 0))
     picked = eligible[rng.random(len(eligible)) < cfg.mntp_rate]
     mntp[picked - 1] = chunk[picked]
     action = rng.random(len(picked))  # 80% mask token, 10% a random token, 10% unchanged (BERT's recipe)

@@ -7,6 +7,9 @@
     m.token_features("a sentence")                               # per-token vectors
     m.losses(batch)                                              # the MAGNET training losses of one batch
 """
+import json
+from pathlib import Path
+
 import torch
 
 from attention import CONTEXT, SPAN
@@ -15,24 +18,39 @@ from model import KVCache, load_adapter, load_checkpoint
 from objectives import mntp_loss, msg_loss, pool, sscl_loss
 
 
+SETTINGS = ("instruction", "pooling")  # how a model was trained to encode: inference must do the same
+
+
+def read_settings(checkpoint, adapter=None):
+    """The SETTINGS a model was trained with: from the adapter file (train.py stores them under "magnet"), else from
+    magnet.json beside a merged export; {} for a plain base model."""
+    if adapter is not None:
+        return dict(torch.load(adapter, map_location="cpu", weights_only=True).get("magnet", {}))
+    path = Path(checkpoint) / "magnet.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 class Magnet:
     def __init__(self, model, tokenizer: Tokenizer, w_mntp=1.0, w_msg=1.0, w_sscl=1.0, temperature=0.05,
-                 pooling="last", instruction=""):
+                 pooling="last", instruction="", sscl_dropout=0.0):
         if model.args.vocab_size != tokenizer.vocab_size:
             raise ValueError(f"{tokenizer.path}: {tokenizer.vocab_size} tokens, but the model has "
                              f"{model.args.vocab_size}; the tokenizer must be the model's own")
         self.model, self.tok = model, tokenizer
         self.weights = dict(mntp=w_mntp, msg=w_msg, sscl=w_sscl)
         self.temperature, self.pooling, self.instruction = temperature, pooling, instruction
+        self.sscl_dropout = sscl_dropout  # SimCSE noise: attention dropout in the SSCL forward (views B, C) only
 
     @classmethod
     def load(cls, checkpoint, tokenizer, adapter=None, device="cpu", dtype=None, **options):
-        """A base checkpoint (Meta directory or llama2.c .bin), its tokenizer, optionally a LoRA adapter file."""
+        """A base checkpoint (Meta directory or llama2.c .bin), its tokenizer, optionally a LoRA adapter file.
+        The settings the model was trained with (instruction, pooling), stored with the adapter or in a merged
+        export's magnet.json, are used unless `options` say otherwise."""
         tok = Tokenizer(tokenizer)
         model = load_checkpoint(checkpoint, device=device, dtype=dtype, vocab_size=tok.vocab_size)
         if adapter is not None:
             load_adapter(model, adapter)
-        return cls(model.eval(), tok, **options)
+        return cls(model.eval(), tok, **{**read_settings(checkpoint, adapter), **options})
 
     @property
     def device(self):
@@ -50,7 +68,8 @@ class Magnet:
             out["mntp"] = mntp_loss(logits, b["mntp_labels"], b.get("mntp_count"))
             out["msg"] = msg_loss(logits, b["msg_labels"], b.get("msg_count"))
         if self.weights["sscl"]:
-            hidden = self.model(b["sscl_tokens"], b["sscl_roles"], compute_logits=False)  # (2B, T', dim)
+            hidden = self.model(b["sscl_tokens"], b["sscl_roles"], compute_logits=False,
+                                attn_dropout=self.sscl_dropout)  # (2B, T', dim); views B and C differ by the noise
             z_b, z_c = pool(hidden, b["sscl_roles"], b["sscl_last"], self.pooling).chunk(2)  # (B, dim) each
             out["sscl"] = sscl_loss(z_b, z_c, self.temperature)
         out["total"] = sum(self.weights[k] * v for k, v in out.items())
@@ -68,6 +87,12 @@ class Magnet:
         sorted_p = sorted_p * keep
         return int(order[torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=gen)])
 
+    @staticmethod
+    def _check_sampling(temperature, top_p):
+        if not temperature >= 0 or not 0 < top_p <= 1:  # `not >=` also catches NaN
+            raise ValueError(f"need temperature >= 0 (0 = greedy) and 0 < top_p <= 1; got temperature={temperature}, "
+                             f"top_p={top_p}")
+
     def _check_length(self, n):
         if n > self.model.args.max_seq_len:
             raise ValueError(f"{n} positions requested but the model's max_seq_len is {self.model.args.max_seq_len}")
@@ -78,6 +103,7 @@ class Magnet:
         ids = self.tok.encode(prompt, bos=True)
         if max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
+        self._check_sampling(temperature, top_p)
         self._check_length(len(ids) + max_new_tokens)
         gen = torch.Generator(device=self.device).manual_seed(seed)
         x = torch.tensor([ids], device=self.device)
@@ -103,12 +129,15 @@ class Magnet:
         CONTEXT = BOS + left + right, at positions 0..L-1 and L+n..; the gap is SPAN at L..L+n-1. The context is
         encoded once (it never attends to the span, so its K/V are final); then each span token is decoded from
         the output before it, which sees all context and the span so far.
+        Both sides are tokenized as they are in the whole text (Tokenizer.context_ids): a space at an edge of the
+        gap belongs to the word after it, so no stray piece shifts the right context.
         """
         if not left.strip() and not right.strip():
             raise ValueError("infill needs some context: left and right are both empty")
         if n_tokens <= 0:
             raise ValueError(f"n_tokens must be > 0, got {n_tokens}")
-        lids, rids = self.tok.encode(left, bos=True), self.tok.encode(right)
+        self._check_sampling(temperature, top_p)
+        lids, rids = self.tok.context_ids(left, right)
         L, total = len(lids), len(lids) + n_tokens + len(rids)
         self._check_length(total)
         gen = torch.Generator(device=self.device).manual_seed(seed)

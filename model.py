@@ -111,7 +111,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x, rope, mask, is_causal, backend, cache=None, layer_id=0):
+    def forward(self, x, rope, mask, is_causal, backend, attn_dropout=0.0, cache=None, layer_id=0):
         B, T, _ = x.shape
         q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), *rope)  # (B, T, H, hd)
         k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), *rope)  # (B, T, Hkv, hd)
@@ -119,7 +119,7 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or Hkv, T, hd)
         if cache is not None:
             k, v = cache.store(layer_id, k, v)  # (B, Hkv, S, hd): every cached position plus these T
-        y = attend(q, k, v, mask, is_causal, backend)  # (B, H, T, hd)
+        y = attend(q, k, v, mask, is_causal, backend, attn_dropout)  # (B, H, T, hd)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, dim)
 
 
@@ -146,8 +146,9 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.drop = nn.Dropout(args.dropout)
 
-    def forward(self, x, rope, mask, is_causal, backend, cache=None):
-        h = x + self.drop(self.attention(self.attention_norm(x), rope, mask, is_causal, backend, cache, self.layer_id))
+    def forward(self, x, rope, mask, is_causal, backend, attn_dropout=0.0, cache=None):
+        h = x + self.drop(self.attention(self.attention_norm(x), rope, mask, is_causal, backend, attn_dropout, cache,
+                                         self.layer_id))
         return h + self.drop(self.feed_forward(self.ffn_norm(h)))
 
 
@@ -206,9 +207,10 @@ class Transformer(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, tokens, roles=None, start_pos=0, cache=None, return_hidden=False, positions=None,
-                compute_logits=True):
+                compute_logits=True, attn_dropout=0.0):
         """tokens: (B, T) ids. roles: (B, T) PAD/CONTEXT/SPAN, None = all SPAN (an ordinary causal LM).
         positions: (B, T) or (T,) RoPE positions, default start_pos + 0..T-1. cache: a KVCache to read and extend.
+        attn_dropout: dropout on the attention weights, in training mode only (SSCL's SimCSE noise).
         Returns float32 logits (B, T, V), and the final normed hidden states (B, T, dim) if return_hidden;
         only the hidden states if compute_logits=False (encoders skip the vocabulary projection).
         """
@@ -223,12 +225,13 @@ class Transformer(nn.Module):
         k_roles, k_pos = cache.extend(roles, positions) if cache is not None else (roles, positions)
         mask, is_causal = plan_attention(roles, positions, k_roles, k_pos, cached=cache is not None)
         rope = rope_angles(positions, self.args.head_dim, self.args.rope_theta)
+        attn = (mask, is_causal, self.args.attn_backend, attn_dropout if self.training else 0.0)
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:
             if self.checkpoint_activations and self.training and cache is None:  # non-reentrant, RNG replayed
-                h = checkpoint(layer, h, rope, mask, is_causal, self.args.attn_backend, use_reentrant=False)
+                h = checkpoint(layer, h, rope, *attn, use_reentrant=False)
             else:
-                h = layer(h, rope, mask, is_causal, self.args.attn_backend, cache)
+                h = layer(h, rope, *attn, cache)
         if cache is not None:
             cache.length += T
         h = self.norm(h)
@@ -316,14 +319,15 @@ def unmerge_lora(model):
         m.unmerge()
 
 
-def save_adapter(model, path, overwrite=False):
-    """Save only the LoRA matrices and their config: megabytes instead of the base model's gigabytes."""
+def save_adapter(model, path, overwrite=False, magnet=None):
+    """Save only the LoRA matrices and their config (plus `magnet`, a dict of the settings the adapter was trained
+    with): megabytes instead of the base model's gigabytes."""
     if not lora_layers(model):
         raise ValueError("the model has no LoRA adapter to save (call apply_lora first)")
     if Path(path).exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items() if "lora_" in k}
-    _atomic_save({"lora_config": model.lora_config, "state_dict": state}, Path(path))
+    _atomic_save({"lora_config": model.lora_config, "state_dict": state, "magnet": magnet or {}}, Path(path))
 
 
 def load_adapter(model, path):
@@ -476,18 +480,21 @@ def _atomic_save(obj, path: Path):
     tmp.replace(path)
 
 
-def merged_state_dict(model: Transformer):
-    """The base state dict with every LoRA update folded into its weight (adapter keys dropped), on the CPU."""
+def merged_state_dict(model: Transformer, dtype=None):
+    """The base state dict with every LoRA update folded into its weight (adapter keys dropped), on the CPU, in
+    `dtype` (default: the model's). The sum is formed in fp32; casting it to bf16 loses most of a small update
+    (bf16 keeps 8 bits of mantissa: an update of ~0.2% of a weight is mostly rounded away)."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items() if "lora_" not in k}
     for name, m in model.named_modules():
         if isinstance(m, LoRALinear) and not m.merged:
-            state[f"{name}.weight"] = (m.weight.float() + m.delta()).to(m.weight.dtype).detach().cpu()
-    return state
+            state[f"{name}.weight"] = (m.weight.float() + m.delta()).detach().cpu()
+    return {k: v.to(dtype or model.tok_embeddings.weight.dtype) for k, v in state.items()}
 
 
-def save_checkpoint(model: Transformer, directory, overwrite=False):
+def save_checkpoint(model: Transformer, directory, overwrite=False, dtype=None):
     """Write a Meta-format checkpoint (params.json + consolidated.00.pth) that load_checkpoint reads back.
-    LoRA updates are folded in, so the file is the adapted model in the base model's format."""
+    LoRA updates are folded in, so the file is the adapted model in the base model's format; dtype: see
+    merged_state_dict."""
     directory = Path(directory)
     if not overwrite and ((directory / "params.json").exists() or any(directory.glob("consolidated.*.pth"))):
         raise FileExistsError(f"{directory} already holds a checkpoint; pass overwrite=True to replace it")
@@ -498,5 +505,5 @@ def save_checkpoint(model: Transformer, directory, overwrite=False):
     # keep params.json readable by Meta's own Llama-2 code: write our extra keys only when they are not the default
     params = {k: v for k, v in params.items()
               if v is not None and not (k in ("rope_theta", "tie_embeddings") and v == getattr(ModelArgs, k))}
-    _atomic_save(merged_state_dict(model), directory / "consolidated.00.pth")
+    _atomic_save(merged_state_dict(model, dtype), directory / "consolidated.00.pth")
     (directory / "params.json").write_text(json.dumps(params, indent=2) + "\n")

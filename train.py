@@ -31,7 +31,7 @@ from tqdm import tqdm
 import data
 from attention import BACKENDS, PAD
 from data import IGNORE, BatchConfig, TextCorpus, Tokenizer, batch_rows
-from magnet import Magnet
+from magnet import SETTINGS, Magnet
 from model import (CheckpointError, ModelArgs, Transformer, apply_lora, load_checkpoint, save_adapter,
                    save_checkpoint)
 
@@ -43,7 +43,7 @@ class Config(BatchConfig):  # every key of the MAGNET batch, plus these
     pretrain_iters: int = 1000  # with init_from=scratch and lora: first train a causal base for this many steps
     tokenizer: str = ""  # "" = the base directory's tokenizer.model, or the toy world's
     data: str = "toy"  # "toy" (the built-in toy world) or text file(s), comma-separated
-    pairs: str = ""  # optional TSV of (text, paraphrase) for SSCL positives
+    pairs: str = ""  # optional TSV of (text, positive) pairs for SSCL; without it a text's positive is itself + noise
     cache_dir: str = ".cache"  # tokenized corpora
     # a model from scratch
     dim: int = 128
@@ -53,7 +53,7 @@ class Config(BatchConfig):  # every key of the MAGNET batch, plus these
     multiple_of: int = 32
     max_seq_len: int = 256
     attn_backend: str = "sdpa"
-    dropout: float = 0.0  # residual dropout; also the SimCSE noise when SSCL has no paraphrase pairs
+    dropout: float = 0.0  # residual dropout, in every forward (Llama-2 itself uses none)
     mask_piece: str = "_"  # the MNTP mask token's piece (unk where the vocabulary lacks it)
     # LoRA (False = train every parameter, as in pretraining)
     lora: bool = True
@@ -66,6 +66,9 @@ class Config(BatchConfig):  # every key of the MAGNET batch, plus these
     w_sscl: float = 1.0
     temperature: float = 0.05
     pooling: str = "last"
+    # SimCSE noise: attention dropout in the SSCL forward (views B and C) only, never in view A. Without pairs it is
+    # what makes a text and its positive differ; 0.3 is LLM2Vec's value for Llama-2 (HF's attention_dropout)
+    sscl_dropout: float = 0.3
     # optimisation
     max_iters: int = 400
     grad_accum: int = 1
@@ -84,10 +87,14 @@ class Config(BatchConfig):  # every key of the MAGNET batch, plus these
     stop_at: int = 0  # stop (checkpointed) after this many steps, to resume later; 0 = run to max_iters
     overwrite: bool = False
     demo: bool = True
+    merged_dtype: str = "float32"  # of the merged export: folding an adapter into bf16 weights loses most of it
 
 
 class ConfigError(ValueError):
     pass
+
+
+MERGED_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def parse_config(argv):
@@ -343,10 +350,12 @@ def export(out, model, full_model, tok, cfg, rank, world):
             full_model.load_state_dict(trained, strict=False)
         else:
             full_model = model
+        settings = {k: getattr(cfg, k) for k in SETTINGS}  # how to encode with this model (magnet.read_settings)
         if cfg.lora:
-            save_adapter(full_model, out / "adapter.pt", overwrite=True)
-        save_checkpoint(full_model, out / "merged", overwrite=True)
+            save_adapter(full_model, out / "adapter.pt", overwrite=True, magnet=settings)
+        save_checkpoint(full_model, out / "merged", overwrite=True, dtype=MERGED_DTYPES[cfg.merged_dtype])
         shutil.copyfile(tok.path, out / "merged" / "tokenizer.model")
+        (out / "merged" / "magnet.json").write_text(json.dumps(settings) + "\n")
     barrier()
 
 
@@ -355,13 +364,14 @@ def barrier():
         dist.barrier()
 
 
-def demo(out, seed):
-    """Show the two things MAGNET adds, on held-out toy-world data."""
-    m = Magnet.load(out / "merged", out / "merged" / "tokenizer.model")
-    left, answer, right = data.toy_blanks(1, data.EVAL_SEED + seed)[0]
+def demo(out, cfg):
+    """Show the two things MAGNET adds, on held-out toy-world data (with the base + adapter: exact at any dtype)."""
+    tok = out / "merged" / "tokenizer.model"
+    m = Magnet.load(cfg.init_from, tok, adapter=out / "adapter.pt") if cfg.lora else Magnet.load(out / "merged", tok)
+    left, answer, right = data.toy_blanks(1, data.EVAL_SEED + cfg.seed)[0]
     fill = m.infill(left, right, len(m.tok.encode(answer)))
     print(f"\ninfill (only the right context names the object; answer: {answer}):\n  {left} [{fill}]{right}")
-    pairs = data.toy_pairs(40, data.EVAL_SEED + seed, "test")
+    pairs = data.toy_pairs(40, data.EVAL_SEED + cfg.seed, "test")
     query, positive = next((a, b) for a, b, s in pairs if s == 5.0)
     candidates = [positive] + [b for _, b, s in pairs if s == 0.0][:4]
     vectors = torch.nn.functional.normalize(m.encode([query] + candidates), dim=-1)
@@ -383,6 +393,12 @@ def check(cfg, world):
         (cfg.lora and cfg.lora_rank <= 0, f"lora_rank must be > 0 (got {cfg.lora_rank})"),
         (cfg.pooling not in ("last", "mean"), f"pooling must be 'last' or 'mean' (got {cfg.pooling!r})"),
         (cfg.attn_backend not in BACKENDS, f"attn_backend must be one of {BACKENDS} (got {cfg.attn_backend!r})"),
+        (not 0 <= cfg.sscl_dropout < 1, f"sscl_dropout must be in [0, 1) (got {cfg.sscl_dropout})"),
+        (cfg.w_sscl > 0 and cfg.data != "toy" and not cfg.pairs and cfg.sscl_dropout == 0 and cfg.dropout == 0,
+         "SSCL would compare each text with an identical copy (no --pairs, no noise): set --sscl_dropout=0.3 "
+         "(SimCSE noise, LLM2Vec's value), give --pairs=FILE, or turn SSCL off with --w_sscl=0"),
+        (cfg.merged_dtype not in MERGED_DTYPES, f"merged_dtype must be one of {list(MERGED_DTYPES)} "
+                                                 f"(got {cfg.merged_dtype!r})"),
         (cfg.init_from != "scratch" and not Path(cfg.init_from).exists(),
          f"init_from={cfg.init_from}: no such checkpoint"),
         (cfg.data != "toy" and not all(Path(p).is_file() for p in cfg.data.split(",")),
@@ -417,7 +433,7 @@ def run(cfg, rank, world, device):
         model = full.to(device)
     model.checkpoint_activations = cfg.activation_checkpointing
     magnet = Magnet(model.train(), tok, cfg.w_mntp, cfg.w_msg, cfg.w_sscl, cfg.temperature, cfg.pooling,
-                    cfg.instruction)
+                    cfg.instruction, cfg.sscl_dropout)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
     start = load_state(out, model, opt) if cfg.resume and (out / "log.jsonl").exists() else 0
@@ -456,9 +472,11 @@ def run(cfg, rank, world, device):
         return
     export(out, model, full, tok, cfg, rank, world)
     if rank == 0:
-        print(f"wrote {out / 'merged'} (Meta format + tokenizer)" + (f" and {out / 'adapter.pt'}" if cfg.lora else ""))
+        print(f"wrote {out / 'merged'} (Meta format + tokenizer, {cfg.merged_dtype})" +
+              (f" and {out / 'adapter.pt'}; evaluate the exact model with --ckpt={cfg.init_from}::{out / 'adapter.pt'}"
+               if cfg.lora else ""))
         if cfg.demo and cfg.data == "toy":
-            demo(out, cfg.seed)
+            demo(out, cfg)
 
 
 def main(argv):

@@ -57,10 +57,10 @@ def test_config_file_and_overrides(tmp_path):
 
 
 def test_torchrun_two_processes_match_one_process(setup):
-    """Same global batch, LoRA dropout off: two FSDP2 ranks reproduce one process's losses (to 1e-4 relative:
+    """Same global batch, LoRA and SSCL dropout off (their noise is drawn per rank): two FSDP2 ranks reproduce one process's losses (to 1e-4 relative:
     only the order of floating-point sums differs, e.g. the gradient reduce-scatter)."""
     d, common = setup
-    args = common + ["--max_iters=4", "--lora_dropout=0.0"]
+    args = common + ["--max_iters=4", "--lora_dropout=0.0", "--sscl_dropout=0.0"]
     run_main(args + [f"--out_dir={d / 'one'}"])
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
