@@ -45,13 +45,14 @@ class EvalConfig:
     sts_data: str = "toy"  # STS-B layout TSV
     token_data: str = "toy"  # a directory with CoNLL-2003 train.txt, valid.txt, test.txt
     mc_data: str = "toy"  # JSONL: {"context", "choices", "label"}
-    limit: int = 200  # examples per suite (0 = all)
+    limit: int = 200  # examples per suite (0 = all); the token probe's training split has its own key
+    probe_train: int = 0  # sentences the token probe trains on (0 = the whole train split; toy world: 300)
     seed: int = 0
     max_len: int = 256  # tokens per held-out passage
     gap: int = 8  # infill gap length in tokens
     prefix_len: int = 32  # repetition: prompt tokens
     cont_len: int = 96  # repetition: generated tokens
-    pooling: str = "last"
+    pooling: str = ""  # "" = what each model was trained with (stored with its adapter), else "last" or "mean"
     out: str = "eval.json"
     keep_going: bool = False
     cache_dir: str = ".cache"  # tokenized --text_data (as train.py's)
@@ -201,8 +202,8 @@ def suite_repetition(m, cfg):
 def suite_sts(m, cfg):
     pairs = data.toy_pairs(cfg.limit or 500, data.EVAL_SEED + cfg.seed, "test") if cfg.sts_data == "toy" \
         else limited(data.read_sts(cfg.sts_data), cfg)
-    a = F.normalize(m.encode([p[0] for p in pairs], pooling=cfg.pooling), dim=-1)
-    b = F.normalize(m.encode([p[1] for p in pairs], pooling=cfg.pooling), dim=-1)
+    a = F.normalize(m.encode([p[0] for p in pairs]), dim=-1)
+    b = F.normalize(m.encode([p[1] for p in pairs]), dim=-1)
     return {"spearman": 100 * spearman((a * b).sum(-1).numpy(), [p[2] for p in pairs])}
 
 
@@ -236,14 +237,19 @@ def train_probe(x, y, x_dev, y_dev, n_classes, seed, epochs=300, patience=20):
     return lambda feats: probe((feats - mean) / std).argmax(-1)
 
 
-def suite_token(m, cfg):
+def token_splits(cfg):
+    """train / dev / test tagged sentences; --limit cuts dev and test, --probe_train the training split."""
     if cfg.token_data == "toy":
         seed = data.EVAL_SEED + cfg.seed + 10
-        splits = {s: data.toy_tagged(cfg.limit or 300, seed + i) for i, s in enumerate(("train", "dev", "test"))}
-    else:
-        d = Path(cfg.token_data)
-        splits = {s: limited(data.read_conll(d / f), cfg) for s, f in
-                  (("train", "train.txt"), ("dev", "valid.txt"), ("test", "test.txt"))}
+        return {s: data.toy_tagged(n, seed + i) for i, (s, n) in
+                enumerate((("train", cfg.probe_train or 300), ("dev", cfg.limit or 300), ("test", cfg.limit or 300)))}
+    d = Path(cfg.token_data)
+    splits = {s: limited(data.read_conll(d / f), cfg) for s, f in (("dev", "valid.txt"), ("test", "test.txt"))}
+    return dict(train=data.read_conll(d / "train.txt")[:cfg.probe_train or None], **splits)
+
+
+def suite_token(m, cfg):
+    splits = token_splits(cfg)
     feats = {s: [word_features(m, sent["words"]) for sent in tqdm(v, desc=f"features {s}", leave=False)]
              for s, v in splits.items()}
     results = {}
@@ -270,27 +276,34 @@ def read_mc(path):
         try:
             item = json.loads(line)
             assert isinstance(item["choices"], list) and 0 <= item["label"] < len(item["choices"])
+            assert all(str(c).strip() for c in item["choices"])  # acc_norm divides by each choice's length
             items.append(dict(context=str(item["context"]), choices=[str(c) for c in item["choices"]],
                               label=int(item["label"])))
         except (json.JSONDecodeError, KeyError, TypeError, AssertionError):
-            raise EvalError(f"{path}, line {n}: expected {{\"context\": str, \"choices\": [str, ...], "
+            raise EvalError(f"{path}, line {n}: expected {{\"context\": str, \"choices\": [non-empty str, ...], "
                             f"\"label\": index}}, got {line[:80]!r}") from None
     return items
 
 
+def choice_rows(tok, context, choices):
+    """One causal row per choice that scores only the choice's pieces, tokenized as in context + choice (as
+    lm-evaluation-harness does; encoding the choice alone would score a stray piece, e.g. Llama-2's "▁")."""
+    ctx = tok.encode(context.rstrip(), bos=True)
+    return [causal_row(ctx + tok.encode_after(context, c), len(ctx)) for c in choices]
+
+
 def suite_mc(m, cfg):
+    """acc: the choice with the highest summed log-likelihood; acc_norm: per character of the choice's text, as
+    lm-evaluation-harness normalises."""
     items = data.toy_multiple_choice(cfg.limit or 200, data.EVAL_SEED + cfg.seed) if cfg.mc_data == "toy" \
         else limited(read_mc(cfg.mc_data), cfg)
-    rows = []
+    nll = row_nll(m, [row for it in items for row in choice_rows(m.tok, it["context"], it["choices"])])
+    i, right, right_norm = 0, 0, 0
     for it in items:
-        ctx = m.tok.encode(it["context"], bos=True)
-        rows += [causal_row(ctx + m.tok.encode(c), len(ctx)) for c in it["choices"]]
-    nll, i, right, right_norm = row_nll(m, rows), 0, 0, 0
-    for it in items:
-        scores = nll[i:i + len(it["choices"])]
+        scores = [s for s, _ in nll[i:i + len(it["choices"])]]
         i += len(it["choices"])
-        right += int(np.argmin([s for s, _ in scores]) == it["label"])
-        right_norm += int(np.argmin([s / c for s, c in scores]) == it["label"])
+        right += int(np.argmin(scores) == it["label"])
+        right_norm += int(np.argmin([s / len(c) for s, c in zip(scores, it["choices"])]) == it["label"])
     return {"acc": right / len(items), "acc_norm": right_norm / len(items)}
 
 
@@ -307,7 +320,8 @@ def load(spec, cfg):
     tok = cfg.tokenizer or str(Path(base) / "tokenizer.model")
     if not Path(tok).is_file():
         raise EvalError(f"no tokenizer for {base}: pass --tokenizer=PATH")
-    return name, Magnet.load(base, tok, adapter=adapter or None, device=cfg.device, pooling=cfg.pooling)
+    options = dict(pooling=cfg.pooling) if cfg.pooling else {}  # else the model's own (and always its instruction)
+    return name, Magnet.load(base, tok, adapter=adapter or None, device=cfg.device, **options)
 
 
 def describe(path):

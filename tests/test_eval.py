@@ -78,16 +78,25 @@ def test_the_probe_trains_on_train_and_stops_on_dev_only(tiny_ckpt, monkeypatch)
         return real(x, y, x_dev, y_dev, *rest)
 
     monkeypatch.setattr(ev, "train_probe", spy)
-    cfg = ev.EvalConfig(limit=10)
+    cfg = ev.EvalConfig(limit=10, probe_train=20)
     m = ev.load(str(tiny_ckpt), cfg)[1]
     ev.suite_token(m, cfg)
 
-    def features(seed):
-        return torch.cat([ev.word_features(m, s["words"]) for s in ev.data.toy_tagged(10, seed)])
+    def features(n, seed):
+        return torch.cat([ev.word_features(m, s["words"]) for s in ev.data.toy_tagged(n, seed)])
 
     (x, x_dev), = seen  # one task (toy POS tags)
     held_out = ev.data.EVAL_SEED + cfg.seed
-    assert torch.equal(x, features(held_out + 10)) and torch.equal(x_dev, features(held_out + 11))
+    assert torch.equal(x, features(20, held_out + 10)) and torch.equal(x_dev, features(10, held_out + 11))
+
+
+def test_limit_never_cuts_the_probe_training_split(tmp_path):
+    sentence = "EU NNP B-NP B-ORG\nrejects VBZ B-VP O\n\n"
+    for name, n in (("train.txt", 30), ("valid.txt", 12), ("test.txt", 12)):
+        (tmp_path / name).write_text("-DOCSTART- -X- -X- O\n\n" + sentence * n)
+    sizes = lambda **kw: {k: len(v) for k, v in ev.token_splits(ev.EvalConfig(token_data=str(tmp_path), **kw)).items()}
+    assert sizes(limit=5) == dict(train=30, dev=5, test=5)
+    assert sizes(limit=0, probe_train=7) == dict(train=7, dev=12, test=12)
 
 
 def test_real_stories260k_on_stsb_and_conll(tmp_path, capsys):
@@ -96,7 +105,7 @@ def test_real_stories260k_on_stsb_and_conll(tmp_path, capsys):
     sts = shared_file("data/stsb/sts-test.csv")
     conll = shared_file("data/conll2003/train.txt").parent
     code, out = run([f"--ckpt=stories={bin_path}", f"--tokenizer={tok}", "--suite=sts,token", f"--sts_data={sts}",
-                     f"--token_data={conll}", "--limit=60", f"--out={tmp_path / 'r.json'}"], capsys)
+                     f"--token_data={conll}", "--limit=60", "--probe_train=200", f"--out={tmp_path / 'r.json'}"], capsys)
     assert code == 0, out.err
     r = json.loads((tmp_path / "r.json").read_text())
     res = r["results"]["stories"]
