@@ -1,4 +1,6 @@
 """data.py: invariants of the MAGNET batch over many seeds, the toy world, the corpus cache, readers, errors."""
+import re
+
 import numpy as np
 import pytest
 
@@ -147,3 +149,63 @@ def test_real_readers_and_llama2_mask_token():
     tok = data.Tokenizer(shared_file("assets/llama2-tokenizer/tokenizer.model"))
     assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.mask_id) == (32000, 1, 2, 29918)
     assert data.Tokenizer(shared_file("assets/stories260K/tok512.model")).mask_id == 0  # no "_": unk
+
+
+def test_spans_never_cover_a_bos_anywhere_in_the_chunk(toy):
+    """WikiText-like chunks: several paragraphs (so several BOS) inside one row. In every row that has context, no
+    SPAN role sits on a BOS and no MSG target is BOS; the BOS that cut a span stays CONTEXT between its parts."""
+    tok, rng = toy[2], np.random.default_rng(0)
+    cfg = BatchConfig(seq_len=128, span_min=8, span_max=32, max_spans=3, p_causal=0.1)
+    hybrid_rows = spans_cut = 0
+    for _ in range(3000):
+        chunk = rng.integers(3, tok.vocab_size, size=129)  # ids 0-2 are unk/bos/eos: no accidental BOS
+        chunk[0] = tok.bos_id
+        chunk[rng.choice(np.arange(2, 128), size=int(rng.integers(1, 6)), replace=False)] = tok.bos_id
+        tokens, roles, mntp, msg = view_a(chunk, cfg, tok, rng)
+        if (roles == SPAN).all():  # a plain causal row may predict a document boundary, as any LM does
+            continue
+        hybrid_rows += 1
+        is_bos = chunk == tok.bos_id
+        assert not (roles[is_bos] == SPAN).any() and not (msg == tok.bos_id).any()
+        assert not (tokens[is_bos] != tok.bos_id).any() and not (mntp == tok.bos_id).any()
+        span = roles == SPAN
+        spans_cut += int((is_bos[1:-1] & span[:-2] & span[2:]).sum())  # a BOS with span tokens on both sides
+        assert (msg[:-1][span[1:]] == chunk[1:][span[1:]]).all()  # every span token is still a target
+    assert hybrid_rows > 2500 and spans_cut > 100  # the case that matters happened often
+
+
+def test_pieces_tokenize_like_the_whole_text_with_llama2():
+    """Meta's tokenizer: encode(" under") is "▁" (29871) + "▁under", which the whole text never contains. The
+    left/right ids of Tokenizer.context_ids and the choice ids of encode_after must equal the whole text's ids,
+    found here independently from SentencePiece's character offsets."""
+    tok = data.Tokenizer(shared_file("assets/llama2-tokenizer/tokenizer.model"))
+    assert tok.encode(" under the tree.")[0] == 29871  # the defect that piecewise encoding had
+    texts = ["Mia found a kite under the tree.", "The capital of France is Paris, and it's big.",
+             "In 1998 , the team 's coach said : \" we 'll win \" .", "Once upon a time, Lily's cat ran away."]
+    checked = 0
+    for text in texts:
+        # each piece's characters in the text: the pieces spell " " + text ("▁" = space, the first one the dummy)
+        pieces, spans, at = tok.sp.encode(text, out_type=str), [], -1
+        for piece in pieces:
+            spans.append((at, at + len(piece)))
+            at += len(piece)
+        assert at == len(text)  # ASCII text, no byte-fallback pieces: the offsets are exact
+        whole = tok.encode(text)
+        for a, b in [(m.start(), m.end()) for m in re.finditer(r"\S+", text)]:
+            # the space before the gap's word belongs to the gap ("▁kite", or Llama-2's "▁" + "1998")
+            want_left = [i for i, (s, e) in zip(whole, spans) if e <= a - (text[a - 1:a] == " ")]
+            want_right = [i for i, (s, e) in zip(whole, spans) if s >= b]
+            # the gap is one word; the spaces around it go on every side they can (a gap that takes the space after
+            # it leaves a right side that starts a new word, which context_ids can only tell from a letter or digit)
+            for lo, hi in ((a, b), (max(a - 1, 0), b), (a, min(b + 1, len(text)))):
+                left, gap, right = text[:lo], text[lo:hi], text[hi:]
+                if gap.endswith(" ") and not right[:1].isalnum():
+                    continue
+                lids, rids = tok.context_ids(left, right)
+                assert lids == [tok.bos_id] + want_left and rids == want_right, (left, gap, right)
+                # no stray "▁": only those the whole text has (Llama-2 writes " 1998" as "▁" + digits)
+                assert (lids + rids).count(29871) <= whole.count(29871)
+                checked += 1
+    assert checked > 60
+    assert tok.encode_after("The kite was red and", " it flew high.") == tok.encode("The kite was red and it flew "
+                                                                                    "high.")[6:]

@@ -90,6 +90,27 @@ def test_the_probe_trains_on_train_and_stops_on_dev_only(tiny_ckpt, monkeypatch)
     assert torch.equal(x, features(20, held_out + 10)) and torch.equal(x_dev, features(10, held_out + 11))
 
 
+def test_multiple_choice_scores_only_the_choice_as_in_the_whole_text():
+    """Meta's tokenizer: the scored pieces of " it flew high." are those it has after the context (no stray "▁")."""
+    tok = ev.data.Tokenizer(shared_file("assets/llama2-tokenizer/tokenizer.model"))
+    context, choice = "The kite was red and", " it flew high."
+    whole = tok.encode(context + choice, bos=True)
+    assert [tok.sp.id_to_piece(i) for i in whole[:7]][-2:] == ["▁red", "▁and"]  # 7 context ids, BOS included
+    for ctx in (context, context + " "):  # a trailing space moves to the choice, as lm-evaluation-harness does
+        (tokens, roles, labels), = ev.choice_rows(tok, ctx, [choice.lstrip() if ctx.endswith(" ") else choice])
+        assert tokens == whole and [t for t in labels if t != ev.IGNORE] == whole[7:] and 29871 not in tokens
+
+
+def test_acc_norm_divides_by_the_choices_characters(monkeypatch, tiny_ckpt):
+    """Choice 0 (" a": 2 characters, NLL 2.0) beats choice 1 (" bbbbbbbb": 9 characters, NLL 5.0) summed; per
+    character it is 1.0 vs 0.56, so acc_norm takes choice 1; per token (1 vs 2 tokens: 2.0 vs 2.5) it would not."""
+    item = dict(context="x", choices=[" a", " bbbbbbbb"], label=1)
+    monkeypatch.setattr(ev, "row_nll", lambda m, rows: [(2.0, 1), (5.0, 2)])
+    monkeypatch.setattr(ev, "read_mc", lambda path: [item])
+    m = ev.load(str(tiny_ckpt), ev.EvalConfig())[1]
+    assert ev.suite_mc(m, ev.EvalConfig(mc_data="items.jsonl")) == {"acc": 0.0, "acc_norm": 1.0}
+
+
 def test_limit_never_cuts_the_probe_training_split(tmp_path):
     sentence = "EU NNP B-NP B-ORG\nrejects VBZ B-VP O\n\n"
     for name, n in (("train.txt", 30), ("valid.txt", 12), ("test.txt", 12)):

@@ -1,10 +1,13 @@
 """magnet.py: cached inference equals recomputation, infill keeps its context, encode is deterministic, errors."""
+import numpy as np
 import pytest
 import torch
 
 from attention import CONTEXT, SPAN
+from data import BatchConfig, Tokenizer, magnet_batch
 from magnet import Magnet
-from model import CheckpointError, ModelArgs, Transformer, save_checkpoint
+from model import CheckpointError, ModelArgs, Transformer, apply_lora, save_checkpoint
+from objectives import pool
 
 from conftest import shared_file
 
@@ -60,6 +63,63 @@ def test_infill_feeds_exactly_the_given_context(tiny, monkeypatch):
     assert all(t.shape == (1, 1) and (r == SPAN).all() for t, r in seen[1:])
 
 
+def test_infill_with_llama2_tokenizer_feeds_the_whole_texts_ids(monkeypatch):
+    """With Meta's tokenizer, infill's context is the whole text's ids minus the gap's: no stray "▁" (29871) from
+    encoding " under the tree." alone, which shifted every right-context position by one."""
+    tok = Tokenizer(shared_file("assets/llama2-tokenizer/tokenizer.model"))
+    m = Magnet(Transformer(ModelArgs(dim=16, n_layers=1, n_heads=2, vocab_size=32000, max_seq_len=64)).eval(), tok)
+    whole = tok.encode("Mia found a kite under the tree.")
+    assert [tok.sp.id_to_piece(i) for i in whole[4:6]] == ["▁k", "ite"]  # the gap
+    want = [tok.bos_id] + whole[:4] + whole[6:]
+    seen, forward = [], m.model.forward
+    monkeypatch.setattr(m.model, "forward", lambda tokens, roles=None, *a, **k: seen.append((tokens, roles)) or
+                        forward(tokens, roles, *a, **k))
+    for left, right in (("Mia found a", " under the tree."), ("Mia found a ", " under the tree."),
+                        ("Mia found a", "under the tree.")):
+        for use_cache in (True, False):
+            seen.clear()
+            m.infill(left, right, 2, use_cache=use_cache)
+            tokens, roles = seen[0]
+            assert tokens[roles == CONTEXT].tolist() == want and 29871 not in tokens[0].tolist()
+
+
+def test_sscl_noise_makes_the_two_views_differ_and_leaves_view_a_alone(toy, toy_corpus):
+    """No pairs: views B and C are the same tokens. At step 0 (LoRA B = 0, so LoRA dropout does nothing) only
+    sscl_dropout makes them differ; view A's losses do not depend on it."""
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=toy[2].vocab_size, max_seq_len=160))
+    apply_lora(model, rank=4, alpha=8, dropout=0.05)
+    batch = magnet_batch(toy_corpus, BatchConfig(batch_size=16, seq_len=64), np.random.default_rng(0))
+    b, c = batch["sscl_tokens"].chunk(2)
+    assert torch.equal(b, c)
+
+    forward, results = model.forward, []
+
+    def spy(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        results.append((kwargs.get("compute_logits", True), out))
+        return out
+
+    model.forward = spy
+    for sscl_dropout in (0.0, 0.3):
+        torch.manual_seed(1)
+        results.clear()
+        Magnet(model.train(), toy[2], sscl_dropout=sscl_dropout).losses(batch)
+        (_, logits_a), (_, hidden_bc) = results  # view A's forward, then views B and C's
+        z_b, z_c = pool(hidden_bc.detach(), batch["sscl_roles"], batch["sscl_last"]).chunk(2)
+        cosine = float(torch.nn.functional.cosine_similarity(z_b, z_c).mean())
+        if sscl_dropout == 0:
+            assert cosine > 0.9999  # the defect: identical views make SSCL trivial
+            no_noise_a = logits_a.detach()
+        else:
+            assert cosine < 0.99
+            assert torch.equal(logits_a.detach(), no_noise_a)  # view A is untouched by the SSCL noise
+    del model.forward
+    # evaluation (eval mode) never sees the noise
+    m = Magnet(model.eval(), toy[2], sscl_dropout=0.3)
+    assert torch.equal(m.encode(["Mia found a kite."]), m.encode(["Mia found a kite."]))
+
+
 def test_encode_is_deterministic_and_padding_free(tiny):
     texts = ["Mia found a kite.", "A ball was lost by Tom near the river."]
     a, b = tiny.encode(texts), tiny.encode(texts)
@@ -87,6 +147,11 @@ def test_bad_input_gets_clear_errors(tiny, tmp_path, toy):
         tiny.encode(["fine", ""])
     with pytest.raises(ValueError, match="non-empty text"):
         tiny.token_features("")
+    for bad in (dict(top_p=0.0), dict(top_p=1.5), dict(temperature=-1.0), dict(temperature=float("nan"))):
+        with pytest.raises(ValueError, match="temperature >= 0 .* 0 < top_p <= 1"):
+            tiny.generate("Mia", 3, **bad)
+        with pytest.raises(ValueError, match="temperature >= 0 .* 0 < top_p <= 1"):
+            tiny.infill("Mia found a", " under the tree.", 1, **bad)
     save_checkpoint(Transformer(ModelArgs(dim=16, n_layers=1, n_heads=2, vocab_size=100)), tmp_path / "c")
     with pytest.raises(CheckpointError, match="100 tokens but the tokenizer's has 256"):
         Magnet.load(tmp_path / "c", toy[2].path)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import data
+import eval as ev
 import train
 from magnet import Magnet
 from model import ModelArgs, Transformer, load_checkpoint, save_checkpoint
@@ -52,8 +53,9 @@ def test_config_file_and_overrides(tmp_path):
     cfg_file.write_text("import os\n")
     with pytest.raises(train.ConfigError, match=r"c\.py, line 1: expected `key = literal`"):
         train.parse_config([str(cfg_file)])
-    for name in ("toy", "pretrain_toy", "llm2vec", "stories260k", "llama2_7b"):  # every shipped config parses
-        train.parse_config([str(ROOT / "config" / f"{name}.py")])
+    for path in sorted((ROOT / "config").glob("*.py")):  # every shipped config parses and says where SSCL's
+        train.parse_config([str(path)])                   # positives come from
+        assert "SSCL positives:" in path.read_text(), path.name
 
 
 def test_torchrun_two_processes_match_one_process(setup):
@@ -120,10 +122,16 @@ def test_two_phase_run_from_scratch_with_stop_and_resume(tmp_path):
 
 def test_exports_reload_and_equal_the_adapted_model(setup):
     d, common = setup
-    run_main(common + ["--max_iters=5", f"--out_dir={d / 'exp'}"])
+    run_main(common + ["--max_iters=5", "--instruction=Query: ", "--pooling=mean", f"--out_dir={d / 'exp'}"])
     tok = d / "base" / "tokenizer.model"
-    adapted = Magnet.load(d / "base", tok, adapter=d / "exp" / "adapter.pt").model
-    merged = Magnet.load(d / "exp" / "merged", d / "exp" / "merged" / "tokenizer.model").model
+    adapted = Magnet.load(d / "base", tok, adapter=d / "exp" / "adapter.pt")
+    merged = Magnet.load(d / "exp" / "merged", d / "exp" / "merged" / "tokenizer.model")
+    # both remember how the model was trained to encode, and eval.py uses it
+    evaluated = ev.load(f"m={d / 'base'}::{d / 'exp' / 'adapter.pt'}", ev.EvalConfig(tokenizer=str(tok)))[1]
+    for m in (adapted, merged, evaluated):
+        assert (m.instruction, m.pooling) == ("Query: ", "mean")
+    assert Magnet.load(d / "base", tok).instruction == ""
+    adapted, merged = adapted.model, merged.model
     base = load_checkpoint(d / "base")
     tokens = torch.randint(0, 256, (2, 20))
     assert torch.allclose(merged(tokens), adapted(tokens), atol=1e-5)
@@ -165,6 +173,9 @@ def test_a_crash_during_save_keeps_the_previous_checkpoint(setup, monkeypatch):
     (["--bogus=1"], "unknown key 'bogus'"),
     (["--init_from=/nowhere/base"], "no such checkpoint"),
     (["--span_min=0"], "need 1 <= span_min <= span_max"),
+    (["--pairs=", "--sscl_dropout=0"], "no --pairs, no noise): set --sscl_dropout=0.3"),
+    (["--sscl_dropout=1.0"], "sscl_dropout must be in [0, 1)"),
+    (["--merged_dtype=float16"], "merged_dtype must be one of ['float32', 'bfloat16']"),
 ])
 def test_bad_input_exits_nonzero_with_a_clear_error(setup, capsys, bad, message):
     d, common = setup
