@@ -30,16 +30,17 @@ else
     echo "unknown setting $setting (expected A or B)" >&2; exit 2
 fi
 
-# the adapted models: MAGNET, the LLM2Vec recipe (MNTP + SSCL, all-bidirectional), and MAGNET's ablations
+# the adapted models: MAGNET, joint MNTP+SSCL (all-bidirectional, no MSG: LLM2Vec's two losses trained together,
+# not its published two-stage recipe), and MAGNET's ablations
 train "${common[@]}" --out_dir="$runs/magnet"
-train "${common[@]}" --max_spans=0 --p_causal=0.0 --w_msg=0.0 --out_dir="$runs/llm2vec"
+train "${common[@]}" --max_spans=0 --p_causal=0.0 --w_msg=0.0 --out_dir="$runs/mntp_sscl"
 train "${common[@]}" --w_msg=0.0 --out_dir="$runs/no_msg"
 train "${common[@]}" --w_sscl=0.0 --out_dir="$runs/no_sscl"
 train "${common[@]}" --w_mntp=0.0 --out_dir="$runs/no_mntp"
 train "${common[@]}" --p_causal=0.0 --out_dir="$runs/p_causal_0"
 
 ckpts=(--ckpt=base="$base")
-for run in magnet llm2vec no_msg no_sscl no_mntp p_causal_0; do
+for run in magnet mntp_sscl no_msg no_sscl no_mntp p_causal_0; do
     ckpts+=(--ckpt="$run=$base::$runs/$run/adapter.pt")
 done
 out=results/setting_$(echo "$setting" | tr A-Z a-z)
