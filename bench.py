@@ -1,4 +1,4 @@
-"""Benchmarks for MAGNET: python bench.py [--bench attention,magnet,inference,load] [--quick] [--out FILE.json]
+"""Benchmarks for MAGNET: python bench.py [--bench attention,magnet,inference,load,merge] [--quick] [--out FILE.json]
 
 Each benchmark is one bench_* function; its docstring, printed above its table, says exactly what it measures.
 MFU = achieved FLOP/s / the best matmul FLOP/s read before and after the runs (a measured ceiling, not a datasheet
@@ -20,7 +20,9 @@ import torch
 import data
 from attention import CONTEXT, PAD, SPAN
 from magnet import Magnet
-from model import ModelArgs, Transformer, apply_lora, load_checkpoint, save_checkpoint
+from eval import EvalConfig, suite_ppl
+from model import (LoRALinear, ModelArgs, Transformer, apply_lora, load_adapter, load_checkpoint, merged_state_dict,
+                   save_checkpoint)
 
 
 def timed(fn, device):
@@ -162,7 +164,7 @@ def bench_inference(config):
                     same_text=texts[True][-1] == texts[False][-1])
     return [row("generate", c["new"], tok.encode(prompt, bos=True),
                 lambda u: magnet.generate(prompt, c["new"], use_cache=u)),
-            row("infill", c["gap"], tok.encode(left, bos=True) + tok.encode(right),
+            row("infill", c["gap"], sum(tok.context_ids(left, right), []),
                 lambda u: magnet.infill(left, right, c["gap"], use_cache=u))]
 
 
@@ -195,6 +197,30 @@ def bench_load(config):
                 read_peak_mib=(memory("cpu", peak=True) - before) / 2**20)
 
 
+def bench_merge(config):
+    """What the merged export's dtype costs. The base is rounded to bf16 (its dtype on a GPU) and a trained adapter
+    is added; held-out perplexity (eval.py's ppl suite, computed in fp32 throughout, so only the stored weights
+    differ) of the bf16 base alone, the base + adapter unmerged (the model that was trained), and the export merged
+    into fp32 and into bf16. update_lost = |merged - base - update| / |update| over all adapted weights."""
+    c = config["merge"]
+    tok = data.Tokenizer(c["tokenizer"])
+    model = load_checkpoint(c["base"], vocab_size=tok.vocab_size)
+    model.load_state_dict({k: v.bfloat16().float() for k, v in model.state_dict().items()})
+    settings = EvalConfig(text_data=c["text"], limit=c["limit"])
+    ppl = lambda m: suite_ppl(Magnet(m.eval(), tok), settings)["ppl"]
+    rows = [dict(name="bf16 base, no adapter", ppl=ppl(model), update_lost=1.0)]
+    load_adapter(model, c["adapter"])
+    rows.append(dict(name="bf16 base + adapter, unmerged", ppl=ppl(model), update_lost=0.0))
+    for dtype in (torch.float32, torch.bfloat16):
+        merged = Transformer(model.args)
+        merged.load_state_dict({k: v.float() for k, v in merged_state_dict(model, dtype).items()})
+        lost = [(merged.get_submodule(n).weight - m.weight - m.delta()).norm() ** 2 / m.delta().norm() ** 2
+                for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+        rows.append(dict(name=f"merged into {str(dtype)[6:]}", ppl=ppl(merged),
+                         update_lost=float(torch.stack(lost).mean().sqrt())))
+    return rows
+
+
 def markdown_table(rows):
     """A markdown table whose headers are the keys of the result rows; floats get 3 decimals below 10, else 1."""
     cell = lambda v: (f"{v:.3f}" if abs(v) < 10 else f"{v:,.1f}") if isinstance(v, float) else str(v)
@@ -203,9 +229,15 @@ def markdown_table(rows):
 
 
 def main():
-    BENCHES = dict(attention=bench_attention, magnet=bench_magnet, inference=bench_inference, load=bench_load)
+    BENCHES = dict(attention=bench_attention, magnet=bench_magnet, inference=bench_inference, load=bench_load,
+                   merge=bench_merge)
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--bench", default=",".join(BENCHES), help="comma list of: " + ", ".join(BENCHES))
+    p.add_argument("--bench", default="attention,magnet,inference,load", help="comma list of: " + ", ".join(BENCHES))
+    shared = Path(__file__).resolve().parent.parent / "shared"  # merge: a real base, its text, a trained adapter
+    p.add_argument("--merge_base", default=str(shared / "assets/stories260K/stories260K.bin"))
+    p.add_argument("--merge_tokenizer", default=str(shared / "assets/stories260K/tok512.model"))
+    p.add_argument("--merge_text", default=str(shared / "data/tinystories/tinystories.txt"))
+    p.add_argument("--merge_adapter", default="runs/B/magnet/adapter.pt")  # from `bash experiments.sh B`
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     for name, default in dict(dim=512, n_layers=8, batch=8, seq=512, steps=3).items():  # steps: timed, after 1 warmup
@@ -227,7 +259,9 @@ def main():
                   inference=dict(zip(("dim", "n_layers", "context", "new", "gap"),  # context: prompt/left/right
                                      (128, 2, 16, 16, 8) if q else (256, 4, 64, 128, 32))),
                   load=dict(zip(("dim", "n_layers", "vocab_size"), (256, 2, 1000) if q else (2048, 16, 32000)),
-                            n_heads=16))
+                            n_heads=16),
+                  merge=dict(base=a.merge_base, tokenizer=a.merge_tokenizer, text=a.merge_text,
+                             adapter=a.merge_adapter, limit=100 if q else 500))
     dtype, n, mfu = getattr(torch, a.dtype), 512 if q else 2048, {"attention", "magnet"} & set(benches)
     readings = [matmul_peak(dtype, a.device, n)] if mfu else []
     results = {b: BENCHES[b](config) for b in benches}
