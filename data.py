@@ -142,15 +142,23 @@ class TextCorpus:
         return self.tokens[start:min(start + max_len, hi)].astype(np.int64)
 
 
+def read_text(path):
+    """A UTF-8 text file; anything else is an error that names the file."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+
+
 def read_paragraphs(path):
-    text = Path(path).read_text(encoding="utf-8")
+    text = read_text(path)
     return [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
 
 
 def read_pairs(path):
     """A paraphrase file for SSCL positives: one `text<TAB>positive` pair a line."""
     pairs = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(read_text(path).splitlines(), 1):
         fields = line.split("\t")
         if len(fields) != 2 or not all(f.strip() for f in fields):
             raise ValueError(f"{path}, line {n}: expected 'text<TAB>positive', got {line[:80]!r}")
@@ -284,12 +292,13 @@ def batch_rows(batch, i, n):
 def read_sts(path):
     """STS-B layout: tab-separated, gold score 0-5 in field 5, sentences in fields 6 and 7 (extra fields ignored)."""
     rows = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(read_text(path).splitlines(), 1):
         f = line.split("\t")
         try:
             rows.append((f[5], f[6], float(f[4])))
-        except (IndexError, ValueError):
-            raise ValueError(f"{path}, line {n}: expected >= 7 tab-separated fields with a score in field 5, "
+            assert np.isfinite(rows[-1][2])
+        except (IndexError, ValueError, AssertionError):
+            raise ValueError(f"{path}, line {n}: expected >= 7 tab-separated fields with a finite score in field 5, "
                              f"got {line[:80]!r}") from None
     if not rows:
         raise ValueError(f"{path}: no sentence pairs")
@@ -300,7 +309,7 @@ def read_conll(path):
     """CoNLL-2003 columns (word POS chunk NER), blank line between sentences, -DOCSTART- lines skipped.
     Returns a list of sentences, each a dict of equal-length lists: words, pos, chunk, ner."""
     sentences, current = [], []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines() + [""], 1):
+    for n, line in enumerate(read_text(path).splitlines() + [""], 1):
         if not line.strip() or line.startswith("-DOCSTART-"):
             if current:
                 sentences.append({k: [c[i] for c in current] for i, k in enumerate(("words", "pos", "chunk", "ner"))})

@@ -18,7 +18,10 @@ the checkpoints and the settings) and a markdown table with one column per check
 """
 import hashlib
 import json
+import os
+import platform
 import re
+import subprocess
 import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -54,6 +57,7 @@ class EvalConfig:
     cont_len: int = 96  # repetition: generated tokens
     pooling: str = ""  # "" = what each model was trained with (stored with its adapter), else "last" or "mean"
     out: str = "eval.json"
+    overwrite: bool = False  # replace an existing --out file
     keep_going: bool = False
     cache_dir: str = ".cache"  # tokenized --text_data (as train.py's)
     device: str = "cpu"  # "cuda" evaluates in the checkpoint's dtype (bf16 for Meta's files) on the GPU
@@ -202,9 +206,16 @@ def suite_repetition(m, cfg):
 def suite_sts(m, cfg):
     pairs = data.toy_pairs(cfg.limit or 500, data.EVAL_SEED + cfg.seed, "test") if cfg.sts_data == "toy" \
         else limited(data.read_sts(cfg.sts_data), cfg)
+    gold = [p[2] for p in pairs]
+    if len(pairs) < 2 or len(set(gold)) < 2:
+        raise EvalError(f"{cfg.sts_data}: Spearman needs >= 2 pairs with different gold scores "
+                        f"({len(pairs)} pairs, {len(set(gold))} distinct scores)")
     a = F.normalize(m.encode([p[0] for p in pairs]), dim=-1)
     b = F.normalize(m.encode([p[1] for p in pairs]), dim=-1)
-    return {"spearman": 100 * spearman((a * b).sum(-1).numpy(), [p[2] for p in pairs])}
+    rho = spearman((a * b).sum(-1).numpy(), gold)
+    if not np.isfinite(rho):
+        raise EvalError("every pair got the same cosine similarity: Spearman is undefined for this model")
+    return {"spearman": 100 * rho}
 
 
 def word_features(m, words):
@@ -272,7 +283,7 @@ def suite_token(m, cfg):
 
 def read_mc(path):
     items = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(data.read_text(path).splitlines(), 1):
         try:
             item = json.loads(line)
             assert isinstance(item["choices"], list) and 0 <= item["label"] < len(item["choices"])
@@ -317,6 +328,10 @@ SUITE_FUNCTIONS = dict(ppl=suite_ppl, infill=suite_infill, repetition=suite_repe
 def load(spec, cfg):
     name, _, path = spec.partition("=") if "=" in spec else (spec, "", spec)
     base, _, adapter = path.partition("::")
+    for p in [base] + ([adapter] if adapter else []):
+        if not Path(p).exists():
+            raise EvalError(f"--ckpt={spec}: no such checkpoint {p} (expected [name=]PATH, PATH a Meta directory, "
+                            "a llama2.c .bin or BASE::ADAPTER)")
     tok = cfg.tokenizer or str(Path(base) / "tokenizer.model")
     if not Path(tok).is_file():
         raise EvalError(f"no tokenizer for {base}: pass --tokenizer=PATH")
@@ -324,14 +339,20 @@ def load(spec, cfg):
     return name, Magnet.load(base, tok, adapter=adapter or None, device=cfg.device, **options)
 
 
-def describe(path):
-    """What a result was computed on: the file, its size and its hash (or the toy world's seed)."""
+def describe(path, suite):
+    """What a result was computed on: the file(s), size and hash (or just "toy" for the built-in toy world)."""
     if path == "toy":
         return {"path": "toy"}
-    files = sorted(Path(path).glob("*.txt")) if Path(path).is_dir() else [Path(path)]
-    missing = [str(f) for f in files if not f.is_file()] or ([] if files else [path])
+    if suite == "token":
+        if not Path(path).is_dir():
+            raise EvalError(f"--token_data={path}: expected a directory with CoNLL-2003 train.txt, valid.txt, test.txt")
+        files = [Path(path) / f for f in ("train.txt", "valid.txt", "test.txt")]
+    else:
+        files = [Path(path)]
+    missing = [str(f) for f in files if not f.is_file()]
     if missing:
-        raise EvalError(f"{missing[0]}: data file not found")
+        raise EvalError(f"{', '.join(missing)}: data file not found" + (" (the token suite needs train.txt, valid.txt "
+                                                                        "and test.txt)" if suite == "token" else ""))
     return {"path": path, "bytes": sum(f.stat().st_size for f in files),
             "sha256": hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:16]}
 
@@ -360,8 +381,9 @@ def parse(argv):
             raise EvalError(f"unknown key {key!r}; valid keys: ckpt, {', '.join(types)}")
         else:
             try:
-                setattr(cfg, key, value.lower() in ("1", "true") if types[key] is bool else types[key](value))
-            except ValueError:
+                setattr(cfg, key, {"true": True, "false": False}[value.lower()] if types[key] is bool
+                        else types[key](value))
+            except (KeyError, ValueError):
                 raise EvalError(f"{arg}: {key} expects {types[key].__name__}") from None
     unknown = set(cfg.suite.split(",")) - set(SUITES)
     if unknown or not ckpts:
@@ -369,17 +391,42 @@ def parse(argv):
     return cfg, ckpts
 
 
+def provenance():
+    """The code and machine a result comes from: the commit (with "+changes" when tracked files differ from it),
+    torch, and the CPU / GPU."""
+    git = lambda *a: subprocess.run(["git", *a], cwd=Path(__file__).parent, capture_output=True, text=True).stdout
+    commit = git("rev-parse", "--short", "HEAD").strip() or "unknown"
+    dirty = git("status", "--porcelain", "--untracked-files=no").strip()
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    return dict(commit=commit + ("+changes" if dirty else ""), torch=torch.__version__, cpu=cpu,
+                cpu_cores=os.cpu_count(), gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+
+
+def run_config(spec):
+    """The train.py config.json beside a checkpoint's adapter (or merged export), if there is one."""
+    path = spec.partition("=")[2] or spec
+    where = Path(path.partition("::")[2] or path).parent
+    return json.loads((where / "config.json").read_text()) if (where / "config.json").is_file() else None
+
+
 def main(argv):
     try:
         cfg, ckpts = parse(argv)
+        out = Path(cfg.out)
+        if not out.parent.is_dir():  # before hours of evaluation, not after
+            raise EvalError(f"--out={out}: directory {out.parent} does not exist")
+        if out.exists() and not cfg.overwrite:
+            raise EvalError(f"--out={out} already exists; pass --overwrite=true to replace it, or another --out")
         suites = cfg.suite.split(",")
         sources = {"ppl": cfg.text_data, "infill": cfg.text_data, "repetition": cfg.text_data,
                    "sts": cfg.sts_data, "token": cfg.token_data, "mc": cfg.mc_data}
-        report = {"settings": asdict(cfg), "checkpoints": {}, "data": {s: describe(sources[s]) for s in suites},
-                  "results": {}}
+        report = {"provenance": provenance(), "settings": asdict(cfg), "checkpoints": {}, "train_configs": {},
+                  "data": {s: describe(sources[s], s) for s in suites}, "results": {}}
         for spec in ckpts:
             name, m = load(spec, cfg)
             report["checkpoints"][name], report["results"][name] = spec, {}
+            report["train_configs"][name] = run_config(spec)
             for s in suites:
                 print(f"{name}: {s}", file=sys.stderr)
                 try:
@@ -388,8 +435,11 @@ def main(argv):
                     if not cfg.keep_going:
                         raise
                     report["results"][name][s] = {"error": str(e)}
-        Path(cfg.out).write_text(json.dumps(report, indent=2) + "\n")
-        print(markdown(report["results"]))
+        print(markdown(report["results"]))  # first: a failed write must not lose the results
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        tmp.replace(out)
+        print(f"wrote {out}", file=sys.stderr)
     except (EvalError, CheckpointError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

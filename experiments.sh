@@ -44,5 +44,5 @@ for run in magnet mntp_sscl no_msg no_sscl no_mntp p_causal_0; do
     ckpts+=(--ckpt="$run=$base::$runs/$run/adapter.pt")
 done
 out=results/setting_$(echo "$setting" | tr A-Z a-z)
-python eval.py "${ckpts[@]}" "${eval_args[@]}" --seed=0 --out="$out.json" | tee "$out.md"
+python eval.py "${ckpts[@]}" "${eval_args[@]}" --seed=0 --out="$out.json" --overwrite=true | tee "$out.md"
 echo "setting $setting: $(( $(date +%s) - start )) s wall time on $(nproc) CPU cores" | tee -a "$out.md"

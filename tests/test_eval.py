@@ -161,6 +161,44 @@ def test_clear_errors_and_keep_going(tiny_ckpt, tmp_path, capsys):
     assert code == 1 and "no sentence pairs" in out.err
     code, out = run(["--suite=ppl,nonsense", f"--ckpt={tiny_ckpt}"], capsys)
     assert code == 1 and "nonsense" in out.err
+    code, out = run([f"--ckpt={tmp_path / 'nope'}", "--suite=ppl"], capsys)  # not "no tokenizer for ..."
+    assert code == 1 and f"no such checkpoint {tmp_path / 'nope'}" in out.err
+    code, out = run([f"--ckpt={tiny_ckpt}::{tmp_path / 'none.pt'}", "--suite=ppl"], capsys)
+    assert code == 1 and f"no such checkpoint {tmp_path / 'none.pt'}" in out.err
+    code, out = run([f"--ckpt={tiny_ckpt}", "--suite=ppl", "--keep_going=yes"], capsys)
+    assert code == 1 and "--keep_going=yes: keep_going expects bool" in out.err
+    sts_rows = lambda *scores: "".join(f"g\tx\t2015\t{i}\t{s}\tA cat.\tA dog {i}.\n" for i, s in enumerate(scores))
+    for scores, message in (((1.0, float("nan"), 2.0), "line 2: expected >= 7 tab-separated fields with a finite"),
+                            ((3.0,), "needs >= 2 pairs with different gold scores (1 pairs"),
+                            ((2.0, 2.0, 2.0), "(3 pairs, 1 distinct scores)")):
+        (tmp_path / "s.csv").write_text(sts_rows(*scores))
+        code, out = run([f"--ckpt={tiny_ckpt}", "--suite=sts", f"--sts_data={tmp_path / 's.csv'}",
+                         f"--out={tmp_path / 's.json'}"], capsys)
+        assert code == 1 and message in out.err and not (tmp_path / "s.json").exists(), out.err
+    (tmp_path / "conll").mkdir()
+    (tmp_path / "conll" / "train.txt").write_text("EU NNP B-NP B-ORG\n")
+    code, out = run([f"--ckpt={tiny_ckpt}", "--suite=token", f"--token_data={tmp_path / 'conll'}"], capsys)
+    assert code == 1 and "valid.txt" in out.err and "test.txt: data file not found" in out.err
+    (tmp_path / "latin1.csv").write_bytes("g\tx\t2015\t0\t1.0\tcaf\xe9\tb\n".encode("latin-1"))
+    code, out = run([f"--ckpt={tiny_ckpt}", "--suite=sts", f"--sts_data={tmp_path / 'latin1.csv'}"], capsys)
+    assert code == 1 and "latin1.csv: not UTF-8 text" in out.err
+
+
+def test_the_output_is_checked_first_never_overwritten_and_the_table_printed_first(tiny_ckpt, tmp_path, capsys,
+                                                                                   monkeypatch):
+    args = [f"--ckpt={tiny_ckpt}", "--suite=ppl", "--limit=4"]
+    code, out = run(args + [f"--out={tmp_path / 'missing' / 'r.json'}"], capsys)
+    assert code == 1 and "does not exist" in out.err and "ppl" not in out.out  # refused before any evaluation
+    assert run(args + [f"--out={tmp_path / 'r.json'}"], capsys)[1].err.endswith(f"wrote {tmp_path / 'r.json'}\n")
+    before = (tmp_path / "r.json").read_text()
+    code, out = run(args + [f"--out={tmp_path / 'r.json'}"], capsys)
+    assert code == 1 and "already exists; pass --overwrite=true" in out.err
+    monkeypatch.setattr(ev.Path, "write_text", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    code, out = run(args + [f"--out={tmp_path / 'r.json'}", "--overwrite=true"], capsys)
+    assert code == 1 and "| ppl | ppl |" in out.out and "disk full" in out.err  # the table came out anyway
+    assert (tmp_path / "r.json").read_text() == before  # and the old file is intact
+    report = json.loads(before)
+    assert report["provenance"]["commit"] and report["provenance"]["cpu_cores"] >= 1
 
 
 def test_word_features_take_each_words_first_piece(tiny_ckpt):
