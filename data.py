@@ -134,6 +134,10 @@ class TextCorpus:
         i = rng.integers(len(self.starts))
         return self.tokens[self.starts[i]:min(self.starts[i] + length, self.ends[-1])].astype(np.int64)
 
+    def n_passages(self, max_len):
+        """How many different passages `passage` can return (its distinct start positions)."""
+        return int(np.maximum(1, self.ends - self.starts - 1 - max_len // 2).sum())
+
     def passage(self, rng, max_len):
         """A short passage for SSCL: up to max_len tokens from a random point inside one paragraph (no BOS)."""
         i = rng.integers(len(self.starts))

@@ -8,6 +8,7 @@
     m.losses(batch)                                              # the MAGNET training losses of one batch
 """
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -88,10 +89,17 @@ class Magnet:
         return int(order[torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=gen)])
 
     @staticmethod
-    def _check_sampling(temperature, top_p):
-        if not temperature >= 0 or not 0 < top_p <= 1:  # `not >=` also catches NaN
-            raise ValueError(f"need temperature >= 0 (0 = greedy) and 0 < top_p <= 1; got temperature={temperature}, "
-                             f"top_p={top_p}")
+    def _check_arguments(texts, counts, temperature=0.0, top_p=1.0):
+        """Clear errors for bad arguments, named: `texts` must be str, `counts` ints > 0."""
+        for name, value in texts.items():
+            if not isinstance(value, str):
+                raise TypeError(f"{name} must be a str, got {value!r}")
+        for name, value in counts.items():
+            if type(value) is not int or value <= 0:
+                raise (ValueError if type(value) is int else TypeError)(f"{name} must be an int > 0, got {value!r}")
+        if not (0 <= temperature < math.inf and 0 < top_p <= 1):  # also catches NaN
+            raise ValueError(f"need a finite temperature >= 0 (0 = greedy) and 0 < top_p <= 1; got temperature="
+                             f"{temperature}, top_p={top_p}")
 
     def _check_length(self, n):
         if n > self.model.args.max_seq_len:
@@ -100,10 +108,8 @@ class Magnet:
     @torch.no_grad()
     def generate(self, prompt, max_new_tokens=64, temperature=0.0, top_p=1.0, seed=0, use_cache=True):
         """Continue `prompt` left to right (all-SPAN = the ordinary causal LM); stops at EOS. Returns the new text."""
+        self._check_arguments(dict(prompt=prompt), dict(max_new_tokens=max_new_tokens), temperature, top_p)
         ids = self.tok.encode(prompt, bos=True)
-        if max_new_tokens <= 0:
-            raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
-        self._check_sampling(temperature, top_p)
         self._check_length(len(ids) + max_new_tokens)
         gen = torch.Generator(device=self.device).manual_seed(seed)
         x = torch.tensor([ids], device=self.device)
@@ -132,11 +138,9 @@ class Magnet:
         Both sides are tokenized as they are in the whole text (Tokenizer.context_ids): a space at an edge of the
         gap belongs to the word after it, so no stray piece shifts the right context.
         """
+        self._check_arguments(dict(left=left, right=right), dict(n_tokens=n_tokens), temperature, top_p)
         if not left.strip() and not right.strip():
             raise ValueError("infill needs some context: left and right are both empty")
-        if n_tokens <= 0:
-            raise ValueError(f"n_tokens must be > 0, got {n_tokens}")
-        self._check_sampling(temperature, top_p)
         lids, rids = self.tok.context_ids(left, right)
         L, total = len(lids), len(lids) + n_tokens + len(rids)
         self._check_length(total)
@@ -178,6 +182,7 @@ class Magnet:
     def token_features(self, text):
         """Per-token vectors, all-CONTEXT attention. As in MNTP, the output at t-1 represents token t, so piece t's
         vector is hidden[t-1] (BOS's output represents the first piece). Returns (pieces, Tensor[T, dim])."""
+        self._check_arguments(dict(text=text), {})
         if not text.strip():
             raise ValueError("token_features needs a non-empty text")
         ids = self.tok.encode(text, bos=True)

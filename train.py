@@ -12,7 +12,9 @@ one process with the same global batch. Checkpoints hold the trainable state and
 and the random streams are functions of the step, so resuming replays the uninterrupted run exactly.
 """
 import ast
+import contextlib
 import datetime
+import fcntl
 import json
 import math
 import os
@@ -126,7 +128,11 @@ def parse_config(argv):
         path = Path(arg)
         if not path.is_file():
             raise ConfigError(f"{arg}: config file not found")
-        for node in ast.parse(path.read_text(), filename=arg).body:
+        try:
+            tree = ast.parse(data.read_text(path), filename=arg)
+        except SyntaxError as e:
+            raise ConfigError(f"{arg}, line {e.lineno}: {e.msg}") from None
+        for node in tree.body:
             where = f"{arg}, line {node.lineno}"
             if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
                 continue  # a docstring
@@ -170,6 +176,11 @@ def setup_data(cfg, out, write):
             raise ConfigError(f"tokenizer {tok_path} not found; set --tokenizer=PATH")
     tok = Tokenizer(cfg.tokenizer or tok_path, cfg.mask_piece)
     corpus = TextCorpus(corpus_path, tok, cache_dir=cfg.cache_dir)
+    n = corpus.n_passages(cfg.sscl_len)
+    if cfg.w_sscl and not pairs_path and n < cfg.batch_size:
+        raise ConfigError(f"{cfg.data}: only {n} distinct SSCL passages for batches of {cfg.batch_size} rows, so "
+                          "in-batch negatives would repeat the positives; give a larger corpus, --pairs=FILE or "
+                          "--w_sscl=0")
     return tok, corpus, data.read_pairs(pairs_path) if pairs_path else None
 
 
@@ -288,8 +299,7 @@ def train_step(magnet, opt, corpus, pairs, cfg, step, rank, world, max_total=mat
     out["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
     if not all(math.isfinite(v) for v in out.values()) or out["total"] > max_total:  # same values on every rank
         raise TrainingError(f"non-finite or spiking loss at step {step} ({out}; limit {max_total:.3g}); stopped "
-                            "before the update. The last checkpoint is intact: --resume=true continues from it "
-                            "(perhaps with a lower --lr)")
+                            "before the update")
     for g in opt.param_groups:
         g["lr"] = lr_at(step, cfg)
     opt.step()
@@ -384,16 +394,26 @@ def demo(out, cfg):
 # ----------------------------------------------------------------------------------------------------------------
 # The run
 
+POSITIVE = ("batch_size", "grad_accum", "max_iters", "ckpt_interval", "seq_len", "sscl_len", "lr", "temperature",
+            "lora_alpha", "grad_clip", "dim", "n_layers", "n_heads", "multiple_of", "max_seq_len")
+NON_NEGATIVE = ("min_lr", "warmup_iters", "weight_decay", "spike_factor", "pretrain_iters", "stop_at", "max_spans",
+                "n_kv_heads", "w_mntp", "w_msg", "w_sscl")
+
+
 def check(cfg, world):
     """Reject a bad configuration before anything is trained or overwritten."""
-    problems = [msg for bad, msg in [
+    problems = [f"{k} must be > 0 (got {getattr(cfg, k)})" for k in POSITIVE if not getattr(cfg, k) > 0]
+    problems += [f"{k} must be >= 0 (got {getattr(cfg, k)})" for k in NON_NEGATIVE if not getattr(cfg, k) >= 0]
+    problems += [f"{k} must be in [0, 1) (got {getattr(cfg, k)})" for k in ("dropout", "lora_dropout", "sscl_dropout")
+                 if not 0 <= getattr(cfg, k) < 1]
+    problems += [msg for bad, msg in [
+        (cfg.w_mntp + cfg.w_msg + cfg.w_sscl == 0, "w_mntp, w_msg and w_sscl are all 0: nothing to train"),
         (cfg.batch_size % world, f"batch_size={cfg.batch_size} must be divisible by the {world} processes"),
         (not 1 <= cfg.span_min <= cfg.span_max, f"need 1 <= span_min <= span_max (got {cfg.span_min}, {cfg.span_max})"),
         (not (0 <= cfg.p_causal <= 1 and 0 <= cfg.mntp_rate <= 1), "p_causal and mntp_rate must be in [0, 1]"),
         (cfg.lora and cfg.lora_rank <= 0, f"lora_rank must be > 0 (got {cfg.lora_rank})"),
         (cfg.pooling not in ("last", "mean"), f"pooling must be 'last' or 'mean' (got {cfg.pooling!r})"),
         (cfg.attn_backend not in BACKENDS, f"attn_backend must be one of {BACKENDS} (got {cfg.attn_backend!r})"),
-        (not 0 <= cfg.sscl_dropout < 1, f"sscl_dropout must be in [0, 1) (got {cfg.sscl_dropout})"),
         (cfg.w_sscl > 0 and cfg.data != "toy" and not cfg.pairs and cfg.sscl_dropout == 0 and cfg.dropout == 0,
          "SSCL would compare each text with an identical copy (no --pairs, no noise): set --sscl_dropout=0.3 "
          "(SimCSE noise, LLM2Vec's value), give --pairs=FILE, or turn SSCL off with --w_sscl=0"),
@@ -408,23 +428,93 @@ def check(cfg, world):
         raise ConfigError("; ".join(problems))
 
 
+@contextlib.contextmanager
+def hold(out, cfg, rank, world):
+    """The run directory, for this run alone: a lock refuses a second process on the same out_dir, and with
+    --overwrite the old run is moved aside (OUT.replaced) until the new one has finished or stopped at stop_at, and
+    is put back if the new one fails. Nothing a user has is lost to a failed run."""
+    backup, lock, moved = out.with_name(out.name + ".replaced"), None, False
+
+    def acquire():
+        nonlocal lock, moved
+        out.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(out.with_name(out.name + ".lock"), "w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when this process ends, however it ends
+        except BlockingIOError:
+            raise ConfigError(f"{out}: another process is running in it (it holds {lock.name})") from None
+        if backup.exists():
+            raise ConfigError(f"{backup} holds the run that an interrupted --overwrite was replacing: move it back "
+                              f"to {out} or delete it")
+        if (out / "log.jsonl").exists() and not (cfg.resume or cfg.overwrite):
+            raise ConfigError(f"{out} already holds a run; pass --resume=true to continue it, --overwrite=true to "
+                              "start over, or another --out_dir")
+        if cfg.overwrite and not cfg.resume and out.exists():
+            out.rename(backup)
+            moved = True
+
+    try:
+        rank0_first(lambda: acquire() if rank == 0 else None, rank, world)
+        yield
+    except BaseException:
+        if moved:
+            shutil.rmtree(out, ignore_errors=True)
+            backup.rename(out)
+            print(f"the run this one was replacing is back in {out}", file=sys.stderr)
+        raise
+    finally:
+        if lock:
+            lock.close()
+    if moved:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+MAY_CHANGE_ON_RESUME = {"out_dir", "resume", "overwrite", "stop_at", "max_iters", "lr", "min_lr", "warmup_iters",
+                        "grad_clip", "spike_factor", "ckpt_interval", "device", "activation_checkpointing",
+                        "cache_dir", "demo", "merged_dtype"}
+
+
+def check_resume(out, cfg):
+    """A resume continues the same run: only schedule and system keys may differ from the saved config.json."""
+    saved = json.loads((out / "config.json").read_text())
+    changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in asdict(cfg).items()
+               if k not in MAY_CHANGE_ON_RESUME and saved.get(k) != v]
+    if changed:
+        raise ConfigError(f"--resume: {out / 'config.json'} defines the run differently ({', '.join(changed)}); only "
+                          f"{', '.join(sorted(MAY_CHANGE_ON_RESUME))} may change. Start a new run in another --out_dir")
+
+
+def read_log(path, before):
+    """The log lines of steps < before (a resume runs the later ones again); a damaged line is an error."""
+    lines = path.read_text().splitlines() if before else []
+    for n, line in enumerate(lines, 1):
+        try:
+            json.loads(line)["step"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ConfigError(f"{path}, line {n}: damaged log line {line[:60]!r}; delete it (and any after it) "
+                              "to resume") from None
+    return [line for line in lines if json.loads(line)["step"] < before]
+
+
 def run(cfg, rank, world, device):
     out = Path(cfg.out_dir)
-    if (out / "log.jsonl").exists() and not (cfg.resume or cfg.overwrite):
-        raise ConfigError(f"{out} already holds a run; pass --resume=true to continue it, --overwrite=true to "
-                          "start over, or another --out_dir")
     check(cfg, world)
-    if cfg.init_from == "scratch" and cfg.lora and cfg.pretrain_iters > 0:
-        base = out / "base"  # phase 1: a causal base model, fully trained, then LoRA-adapted with MAGNET
-        if cfg.overwrite or not (base / "merged" / "params.json").exists():
-            run(replace(cfg, out_dir=str(base), lora=False, p_causal=1.0, w_mntp=0.0, w_sscl=0.0,
-                        max_iters=cfg.pretrain_iters, pretrain_iters=0, stop_at=0, demo=False), rank, world, device)
-        cfg = replace(cfg, init_from=str(base / "merged"))
+    with hold(out, cfg, rank, world):
+        if cfg.init_from == "scratch" and cfg.lora and cfg.pretrain_iters > 0:
+            base = out / "base"  # phase 1: a causal base model, fully trained, then LoRA-adapted with MAGNET
+            if not (base / "merged" / "params.json").exists():
+                run(replace(cfg, out_dir=str(base), lora=False, p_causal=1.0, w_mntp=0.0, w_sscl=0.0,
+                            max_iters=cfg.pretrain_iters, pretrain_iters=0, stop_at=0, demo=False),
+                    rank, world, device)
+            cfg = replace(cfg, init_from=str(base / "merged"))
+        if cfg.resume and (out / "config.json").exists():
+            check_resume(out, cfg)
+        train(cfg, out, rank, world, device)
+
+
+def train(cfg, out, rank, world, device):
     tok, corpus, pairs = rank0_first(lambda: setup_data(cfg, out, write=rank == 0), rank, world)
     full = rank0_first(lambda: build_model(cfg, tok) if rank == 0 else None, rank, world)
-    if rank == 0 and cfg.overwrite and not cfg.resume:  # asked to start over, and the new run is valid: clear the old
-        for name in ("ckpt", "ckpt.tmp", "ckpt.old", "merged", "adapter.pt", "log.jsonl", "config.json"):
-            shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink(missing_ok=True)
     if world > 1:
         args = [full.args if rank == 0 else None]
         dist.broadcast_object_list(args, src=0)
@@ -440,18 +530,22 @@ def run(cfg, rank, world, device):
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-        kept = [r for r in (out / "log.jsonl").read_text().splitlines() if json.loads(r)["step"] < start] \
-            if start else []  # steps logged after the checkpoint we resume from are run again
+        kept = read_log(out / "log.jsonl", start)
         log = open(out / "log.jsonl", "w")
         log.write("".join(r + "\n" for r in kept))
     bar = tqdm(range(start, cfg.max_iters), initial=start, total=cfg.max_iters, disable=rank != 0,
                desc=out.name, dynamic_ncols=True)
-    stopped, recent = False, []
+    stopped, recent, saved = False, [], start
     for step in bar:
         t0 = time.perf_counter()
         max_total = cfg.spike_factor * float(np.median(recent)) if cfg.spike_factor and len(recent) >= 20 else math.inf
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda" and world == 1):
-            losses, tokens = train_step(magnet, opt, corpus, pairs, cfg, step, rank, world, max_total)
+        try:
+            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda" and world == 1):
+                losses, tokens = train_step(magnet, opt, corpus, pairs, cfg, step, rank, world, max_total)
+        except TrainingError as e:
+            raise TrainingError(f"{e}. " + (f"The checkpoint of step {saved} is intact: --resume=true continues from "
+                                            "it (perhaps with a lower --lr)" if saved else "No checkpoint was written "
+                                            "yet: try a lower --lr")) from None
         recent = (recent + [losses["total"]])[-50:]
         if rank == 0:
             record = dict(step=step, lr=lr_at(step, cfg), tokens_per_s=tokens / (time.perf_counter() - t0), **losses)
@@ -461,6 +555,7 @@ def run(cfg, rank, world, device):
                             tok_s=f"{record['tokens_per_s']:.0f}")
         if (step + 1) % cfg.ckpt_interval == 0 or step + 1 in (cfg.max_iters, cfg.stop_at):
             save_state(out, model, opt, step + 1, rank)
+            saved = step + 1
         if step + 1 == cfg.stop_at < cfg.max_iters:
             stopped = True
             break
@@ -489,7 +584,9 @@ def main(argv):
             if dist.is_initialized():
                 dist.destroy_process_group()
     except (ConfigError, CheckpointError, TrainingError, FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        rank = int(os.environ.get("RANK", 0))
+        if rank == 0 or not isinstance(e, (ConfigError, TrainingError)):  # those two every rank raises alike
+            print(f"error: {e}" if rank == 0 else f"error on rank {rank}: {e}", file=sys.stderr)
         return 1
     return 0
 

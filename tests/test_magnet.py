@@ -133,8 +133,18 @@ def test_encode_is_deterministic_and_padding_free(tiny):
 
 
 def test_bad_input_gets_clear_errors(tiny, tmp_path, toy):
-    with pytest.raises(ValueError, match="n_tokens must be > 0"):
+    with pytest.raises(ValueError, match="n_tokens must be an int > 0, got 0"):
         tiny.infill("a", "b", 0)
+    with pytest.raises(TypeError, match="n_tokens must be an int > 0, got 2.5"):
+        tiny.infill("a", "b", 2.5)
+    with pytest.raises(TypeError, match="left must be a str, got None"):
+        tiny.infill(None, "b", 1)
+    with pytest.raises(TypeError, match="text must be a str, got 5"):
+        tiny.token_features(5)
+    with pytest.raises(TypeError, match="prompt must be a str"):
+        tiny.generate(["Mia"], 3)
+    with pytest.raises(ValueError, match="max_new_tokens must be an int > 0, got -1"):
+        tiny.generate("Mia", -1)
     with pytest.raises(ValueError, match="max_seq_len is 96"):
         tiny.infill("Mia found a", "kite", 200)
     with pytest.raises(ValueError, match="both empty"):
@@ -147,7 +157,8 @@ def test_bad_input_gets_clear_errors(tiny, tmp_path, toy):
         tiny.encode(["fine", ""])
     with pytest.raises(ValueError, match="non-empty text"):
         tiny.token_features("")
-    for bad in (dict(top_p=0.0), dict(top_p=1.5), dict(temperature=-1.0), dict(temperature=float("nan"))):
+    for bad in (dict(top_p=0.0), dict(top_p=1.5), dict(temperature=-1.0), dict(temperature=float("nan")),
+                dict(temperature=float("inf"))):
         with pytest.raises(ValueError, match="temperature >= 0 .* 0 < top_p <= 1"):
             tiny.generate("Mia", 3, **bad)
         with pytest.raises(ValueError, match="temperature >= 0 .* 0 < top_p <= 1"):

@@ -225,3 +225,107 @@ def test_an_existing_run_is_never_overwritten(setup, capsys):
     assert (out / "log.jsonl").read_text() == before
     run_main(common + ["--max_iters=3", "--stop_at=1", "--overwrite=true", f"--out_dir={out}"])
     assert len(losses(out)) == 1 and not (out / "merged").exists() and not (out / "adapter.pt").exists()
+
+
+def snapshot(out):
+    return {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("--lr=-1", "lr must be > 0 (got -1.0)"), ("--ckpt_interval=0", "ckpt_interval must be > 0"),
+    ("--grad_accum=0", "grad_accum must be > 0"), ("--batch_size=0", "batch_size must be > 0"),
+    ("--temperature=0", "temperature must be > 0"), ("--lora_alpha=-2", "lora_alpha must be > 0"),
+    ("--sscl_len=0", "sscl_len must be > 0"), ("--seq_len=0", "seq_len must be > 0"),
+    ("--max_iters=0", "max_iters must be > 0"), ("--warmup_iters=-1", "warmup_iters must be >= 0"),
+    ("--lora_dropout=1.5", "lora_dropout must be in [0, 1)"), ("--lr=nan", "lr must be > 0 (got nan)"),
+])
+def test_overwrite_with_a_bad_value_loses_nothing(setup, capsys, bad, message):
+    d, common = setup
+    out = d / "precious"
+    if not out.exists():
+        run_main(common + ["--max_iters=2", f"--out_dir={out}"])
+    before, _ = snapshot(out), capsys.readouterr()
+    assert train.main(common + ["--max_iters=2", "--overwrite=true", bad, f"--out_dir={out}"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert snapshot(out) == before
+
+
+def test_a_run_that_fails_midway_puts_the_replaced_run_back(setup, capsys, monkeypatch):
+    d, common = setup
+    out = d / "replaced"
+    run_main(common + ["--max_iters=2", f"--out_dir={out}"])
+    before = snapshot(out)
+    real = train.train_step
+
+    def fails_at_step_1(*args):
+        if args[5] == 1:
+            raise train.TrainingError("non-finite or spiking loss at step 1 (...); stopped before the update")
+        return real(*args)
+
+    monkeypatch.setattr(train, "train_step", fails_at_step_1)
+    assert train.main(common + ["--max_iters=4", "--overwrite=true", f"--out_dir={out}"]) == 1
+    err = capsys.readouterr().err
+    assert "No checkpoint was written yet" in err and f"the run this one was replacing is back in {out}" in err
+    assert snapshot(out) == before and not (d / "replaced.replaced").exists()
+    monkeypatch.setattr(train, "train_step", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C too
+        train.main(common + ["--max_iters=4", "--overwrite=true", f"--out_dir={out}"])
+    assert snapshot(out) == before
+    # killed outright during an overwrite: the old run waits in OUT.replaced, and the next run says so
+    out.rename(d / "replaced.replaced")
+    assert train.main(common + ["--max_iters=2", "--overwrite=true", f"--out_dir={out}"]) == 1
+    assert "replaced.replaced holds the run that an interrupted --overwrite was replacing" in capsys.readouterr().err
+
+
+def test_one_process_per_run_directory_and_damaged_logs(setup, capsys):
+    import fcntl
+    d, common = setup
+    out = d / "locked"
+    run_main(common + ["--max_iters=4", "--stop_at=2", f"--out_dir={out}"])
+    with open(d / "locked.lock", "w") as other:  # as if a second process were training in it
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert train.main(common + ["--max_iters=4", "--resume=true", f"--out_dir={out}"]) == 1
+        assert "locked: another process is running in it" in capsys.readouterr().err
+    with open(out / "log.jsonl", "a") as log:
+        log.write("3086}\n")
+    assert train.main(common + ["--max_iters=4", "--resume=true", f"--out_dir={out}"]) == 1
+    assert "log.jsonl, line 3: damaged log line '3086}'" in capsys.readouterr().err
+
+
+def test_resume_refuses_keys_that_define_the_run(setup, capsys):
+    d, common = setup
+    out = d / "defined"
+    run_main(common + ["--max_iters=4", "--stop_at=2", f"--out_dir={out}"])
+    assert train.main(common + ["--max_iters=4", "--resume=true", "--seed=7", "--lora_rank=4",
+                                f"--out_dir={out}"]) == 1
+    err = capsys.readouterr().err
+    assert "defines the run differently (lora_rank 16 -> 4, seed 0 -> 7)" in err and "Traceback" not in err
+    run_main(common + ["--max_iters=5", "--resume=true", "--lr=5e-3", f"--out_dir={out}"])  # schedule keys may change
+    assert len(losses(out)) == 5
+
+
+def test_bad_files_name_themselves(setup, tmp_path, capsys):
+    d, common = setup
+    (tmp_path / "syntax.py").write_text('"""doc"""\nlr = (1e-3\n')
+    with pytest.raises(train.ConfigError, match=r"syntax\.py, line 2: "):
+        train.parse_config([str(tmp_path / "syntax.py")])
+    (tmp_path / "latin1.py").write_bytes("instruction = 'caf\xe9'\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.py: not UTF-8 text"):
+        train.parse_config([str(tmp_path / "latin1.py")])
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    (tmp_path / "hi.txt").write_text("hi\n")
+    for corpus, message in ((tmp_path / "latin1.txt", "latin1.txt: not UTF-8 text"),
+                            (tmp_path / "hi.txt", "only 1 distinct SSCL passages for batches of 4 rows")):
+        assert train.main(common + ["--pairs=", f"--data={corpus}", f"--out_dir={tmp_path / 'o'}"]) == 1
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
+
+
+def test_torchrun_reports_a_configuration_error_once(setup):
+    d, common = setup
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(ROOT / "train.py")] + common + ["--lr=-1", f"--out_dir={d / 'tr'}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and proc.stderr.count("lr must be > 0") == 1, proc.stderr[-2000:]
