@@ -44,5 +44,17 @@ for run in magnet mntp_sscl no_msg no_sscl no_mntp p_causal_0; do
     ckpts+=(--ckpt="$run=$base::$runs/$run/adapter.pt")
 done
 out=results/setting_$(echo "$setting" | tr A-Z a-z)
+previous=$runs/previous.json  # the committed results, to compare with
+if [ -f "$out.json" ]; then cp "$out.json" "$previous"; else rm -f "$previous"; fi
 python eval.py "${ckpts[@]}" "${eval_args[@]}" --seed=0 --out="$out.json" --overwrite=true | tee "$out.md"
 echo "setting $setting: $(( $(date +%s) - start )) s wall time on $(nproc) CPU cores" | tee -a "$out.md"
+if [ -f "$previous" ]; then  # deterministic on a CPU: every number must come out the same
+    python - "$previous" "$out.json" <<'PY'
+import json, sys
+old, new = (json.load(open(path))["results"] for path in sys.argv[1:])
+differ = [(m, s, k, old[m][s].get(k), v) for m in new for s in new[m] for k, v in new[m][s].items()
+          if old.get(m, {}).get(s, {}).get(k) != v]
+print("reproduced the previous results exactly" if not differ and old.keys() == new.keys() else
+      f"differs from the previous results ({len(differ)} values), e.g. {differ[:3]}")
+PY
+fi

@@ -68,8 +68,9 @@ class Config(BatchConfig):  # every key of the MAGNET batch, plus these
     w_sscl: float = 1.0
     temperature: float = 0.05
     pooling: str = "last"
-    # SimCSE noise: attention dropout in the SSCL forward (views B and C) only, never in view A. Without pairs it is
-    # what makes a text and its positive differ; 0.3 is LLM2Vec's value for Llama-2 (HF's attention_dropout)
+    # SimCSE noise when SSCL has no pairs (a text's positive is then a copy of it): attention dropout in the SSCL
+    # forward (views B and C) only, never in view A. 0.3 is LLM2Vec's SimCSE value for Llama-2 (HF's
+    # attention_dropout). With pairs the positives differ already and it is off, as in LLM2Vec's supervised stage
     sscl_dropout: float = 0.3
     # optimisation
     max_iters: int = 400
@@ -523,7 +524,7 @@ def train(cfg, out, rank, world, device):
         model = full.to(device)
     model.checkpoint_activations = cfg.activation_checkpointing
     magnet = Magnet(model.train(), tok, cfg.w_mntp, cfg.w_msg, cfg.w_sscl, cfg.temperature, cfg.pooling,
-                    cfg.instruction, cfg.sscl_dropout)
+                    cfg.instruction, sscl_dropout=0.0 if pairs else cfg.sscl_dropout)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
     start = load_state(out, model, opt) if cfg.resume and (out / "log.jsonl").exists() else 0

@@ -2,7 +2,7 @@
 
 Phase 1 trains a small causal base from scratch (pretrain_iters steps, every parameter, next-token loss only);
 phase 2 adapts it with LoRA and the three MAGNET losses. These are train.py's defaults, written out.
-SSCL positives: the toy world's paraphrase pairs (toy/pairs.tsv, training frames only), under sscl_dropout noise."""
+SSCL positives: the toy world's paraphrase pairs (toy/pairs.tsv, training frames only); no SimCSE noise."""
 init_from = "scratch"
 pretrain_iters = 1000
 data = "toy"

@@ -329,3 +329,14 @@ def test_torchrun_reports_a_configuration_error_once(setup):
                            str(ROOT / "train.py")] + common + ["--lr=-1", f"--out_dir={d / 'tr'}"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and proc.stderr.count("lr must be > 0") == 1, proc.stderr[-2000:]
+
+
+def test_simcse_noise_only_when_sscl_has_no_pairs(setup, monkeypatch):
+    d, common = setup
+    seen = []
+    real = train.Magnet.__init__
+    monkeypatch.setattr(train.Magnet, "__init__", lambda self, *a, **k: seen.append(k["sscl_dropout"]) or
+                        real(self, *a, **k))
+    run_main(common + ["--max_iters=1", f"--out_dir={d / 'paired'}"])
+    run_main(common + ["--max_iters=1", "--pairs=", f"--out_dir={d / 'unpaired'}"])
+    assert seen == [0.0, 0.3]
