@@ -392,11 +392,11 @@ def parse(argv):
 
 
 def provenance():
-    """The code and machine a result comes from: the commit (with "+changes" when tracked files differ from it),
-    torch, and the CPU / GPU."""
+    """The code and machine a result comes from: the commit (with "+changes" when a tracked .py, .sh or config file
+    differs from it), torch, and the CPU / GPU."""
     git = lambda *a: subprocess.run(["git", *a], cwd=Path(__file__).parent, capture_output=True, text=True).stdout
     commit = git("rev-parse", "--short", "HEAD").strip() or "unknown"
-    dirty = git("status", "--porcelain", "--untracked-files=no").strip()
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "*.py", "*.sh", "config").strip()
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
     return dict(commit=commit + ("+changes" if dirty else ""), torch=torch.__version__, cpu=cpu,
