@@ -52,7 +52,7 @@ if [ -f "$previous" ]; then  # deterministic on a CPU: every number must come ou
     python - "$previous" "$out.json" <<'PY'
 import json, sys
 old, new = (json.load(open(path))["results"] for path in sys.argv[1:])
-differ = [(m, s, k, old[m][s].get(k), v) for m in new for s in new[m] for k, v in new[m][s].items()
+differ = [(m, s, k, old.get(m, {}).get(s, {}).get(k), v) for m in new for s in new[m] for k, v in new[m][s].items()
           if old.get(m, {}).get(s, {}).get(k) != v]
 print("reproduced the previous results exactly" if not differ and old.keys() == new.keys() else
       f"differs from the previous results ({len(differ)} values), e.g. {differ[:3]}")
