@@ -20,7 +20,7 @@ import torch
 import data
 from attention import CONTEXT, PAD, SPAN
 from magnet import Magnet
-from eval import EvalConfig, suite_ppl
+from eval import EvalConfig, provenance, suite_ppl
 from model import (LoRALinear, ModelArgs, Transformer, apply_lora, load_adapter, load_checkpoint, merged_state_dict,
                    save_checkpoint)
 
@@ -277,7 +277,8 @@ def main():
     for bench, rows in results.items():
         print(f"\n## {bench}\n{' '.join(BENCHES[bench].__doc__.split())}\n\n{markdown_table(rows)}")
     if a.out:
-        Path(a.out).write_text(json.dumps(dict(config=config, matmul_readings=readings, results=results), indent=2))
+        report = dict(provenance=provenance(), config=config, matmul_readings=readings, results=results)
+        Path(a.out).write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":
