@@ -8,6 +8,7 @@ One training example is seen through three views (DESIGN §4):
 """
 import hashlib
 import io
+import json
 import os
 import random
 import re
@@ -27,27 +28,76 @@ IGNORE = -100  # label of positions that are not a target (torch's cross_entropy
 # Tokenizer
 
 class Tokenizer:
-    """SentencePiece with explicit special ids. The MNTP mask token is the piece `mask_piece` (default "_": id 29918
-    in Llama-2, as LLM2Vec uses), or unk where the vocabulary has no such piece."""
+    """SentencePiece (.model) or Hugging Face byte-level BPE (tokenizer.json), with explicit special ids.
+
+    bos_id is the token that starts a document: the tokenizer's own BOS where its convention adds one (`add_bos`:
+    SentencePiece Llama, a tokenizer.json whose post-processor prepends one), else the document separator the model
+    was pretrained with, `<|endoftext|>` where the vocabulary has it (SmolLM2: id 0), else EOS. Corpus chunks, infill
+    context and token_features start with it; generate() prepends it only where `add_bos`.
+    The MNTP mask token is the piece `mask_piece` (default "_": id 29918 in Llama-2, as LLM2Vec uses; a byte-level
+    BPE has "_" as one of its 256 byte pieces, SmolLM2: id 79), or unk where the vocabulary has no such piece."""
 
     def __init__(self, path, mask_piece="_"):
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: tokenizer not found (expected a SentencePiece .model file)")
-        try:
-            self.sp = spm.SentencePieceProcessor(model_file=str(path))
-        except (RuntimeError, OSError) as e:
-            raise ValueError(f"{path}: not a SentencePiece model ({e})") from None
-        self.path, self.vocab_size = path, self.sp.vocab_size()
-        self.bos_id, self.eos_id, self.unk_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id()
+            raise FileNotFoundError(f"{path}: tokenizer not found (expected a SentencePiece .model or a tokenizer.json)")
+        self.path, self.sp, self.hf = path, None, None
+        if path.suffix == ".json":
+            self._open_tokenizer_json(path)
+        else:
+            try:
+                self.sp = spm.SentencePieceProcessor(model_file=str(path))
+            except (RuntimeError, OSError) as e:
+                raise ValueError(f"{path}: not a SentencePiece model ({e})") from None
+            self.vocab_size, self.add_bos = self.sp.vocab_size(), True
+            self.bos_id, self.eos_id, self.unk_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id()
         self.pad_id = self.eos_id  # pad positions also carry role PAD and label IGNORE, so the id never matters
-        self.mask_id = self.sp.piece_to_id(mask_piece)  # unk when the piece is absent
+        self.mask_id = self.piece_to_id(mask_piece)
+        self.mask_id = self.unk_id if self.mask_id is None else self.mask_id
+
+    def _open_tokenizer_json(self, path):
+        """Special tokens from tokenizer_config.json beside it (Hugging Face's convention) where present."""
+        try:
+            from tokenizers import Tokenizer as HFTokenizer
+        except ImportError:
+            raise ImportError(f"{path}: reading a tokenizer.json needs the 'tokenizers' package: pip install "
+                              "tokenizers") from None
+        try:
+            self.hf = HFTokenizer.from_file(str(path))
+            config_path = path.parent / "tokenizer_config.json"
+            config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        except Exception as e:
+            raise ValueError(f"{path}: not a Hugging Face tokenizer.json ({e})") from None
+        role = {k: self.piece_to_id(v.get("content") if isinstance(v, dict) else v) for k, v in config.items()
+                if k.endswith("_token") and isinstance(v, (str, dict))}
+        with_special, plain = self.hf.encode("a").ids, self.hf.encode("a", add_special_tokens=False).ids
+        self.add_bos = with_special[:1] != plain[:1]  # the post-processor prepends a BOS
+        doc = self.piece_to_id("<|endoftext|>")
+        self.eos_id = role.get("eos_token", doc if doc is not None else self.piece_to_id("</s>"))
+        if self.eos_id is None:
+            raise ValueError(f"{path}: cannot tell its EOS token; put a tokenizer_config.json naming eos_token beside it")
+        self.bos_id = with_special[0] if self.add_bos else (doc if doc is not None else self.eos_id)
+        self.unk_id = role.get("unk_token", self.eos_id)  # byte-level BPE never needs one
+        self.vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
+
+    def piece_to_id(self, piece):
+        """The id of a vocabulary entry, None if there is none."""
+        if self.hf is not None:
+            return self.hf.token_to_id(piece) if piece else None
+        i = self.sp.piece_to_id(piece)
+        return None if i == self.sp.unk_id() and piece != self.sp.id_to_piece(i) else i
+
+    def id_to_piece(self, i):
+        """The vocabulary entry of an id: "▁under" (SentencePiece), "Ġunder" (byte-level BPE)."""
+        return self.hf.id_to_token(int(i)) if self.hf is not None else self.sp.id_to_piece(int(i))
 
     def encode(self, text, bos=False, eos=False):
-        return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
+        ids = self.hf.encode(text, add_special_tokens=False).ids if self.hf is not None else self.sp.encode(text)
+        return [self.bos_id] * bos + ids + [self.eos_id] * eos
 
     def decode(self, ids):
-        return self.sp.decode([int(i) for i in ids])
+        ids = [int(i) for i in ids]
+        return self.hf.decode(ids, skip_special_tokens=True) if self.hf is not None else self.sp.decode(ids)
 
     def encode_after(self, prefix, text):
         """The ids `text` has where it follows `prefix` in one string (lm-evaluation-harness's rule): encode the

@@ -107,9 +107,10 @@ class Magnet:
 
     @torch.no_grad()
     def generate(self, prompt, max_new_tokens=64, temperature=0.0, top_p=1.0, seed=0, use_cache=True):
-        """Continue `prompt` left to right (all-SPAN = the ordinary causal LM); stops at EOS. Returns the new text."""
+        """Continue `prompt` left to right (all-SPAN = the ordinary causal LM); stops at EOS. Returns the new text.
+        The prompt starts with BOS only where the tokenizer adds one (Llama-2 does, SmolLM2 does not)."""
         self._check_arguments(dict(prompt=prompt), dict(max_new_tokens=max_new_tokens), temperature, top_p)
-        ids = self.tok.encode(prompt, bos=True)
+        ids = self.tok.encode(prompt, bos=self.tok.add_bos) or [self.tok.bos_id]  # the tokenizer's own convention
         self._check_length(len(ids) + max_new_tokens)
         gen = torch.Generator(device=self.device).manual_seed(seed)
         x = torch.tensor([ids], device=self.device)
@@ -189,4 +190,4 @@ class Magnet:
         self._check_length(len(ids))
         x = torch.tensor([ids], device=self.device)
         hidden = self.model(x, torch.full_like(x, CONTEXT), compute_logits=False)[0]  # (T+1, dim)
-        return [self.tok.sp.id_to_piece(i) for i in ids[1:]], hidden[:-1].float().cpu()
+        return [self.tok.id_to_piece(i) for i in ids[1:]], hidden[:-1].float().cpu()

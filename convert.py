@@ -1,0 +1,276 @@
+"""Foreign checkpoints in: a GGUF file or a Hugging Face Llama directory -> a Meta directory for model.load_checkpoint.
+
+    python convert.py SmolLM2-135M-Instruct.Q4_1.gguf out/smollm2    # GGUF: every tensor dequantized
+    python convert.py /path/to/Llama-2-7b-hf out/llama-2-7b           # HF: its q/k rotary permutation undone
+
+OUT_DIR gets params.json, consolidated.00.pth and the tokenizer (tokenizer.model, or tokenizer.json + its
+tokenizer_config.json). Tensors are read one at a time (memory-mapped) into the output state dict, in the target
+dtype, so peak memory is about one copy of the model. Everything is written into a temporary directory that is
+renamed at the end: a failure leaves nothing half-written. The optional packages gguf, safetensors and tokenizers
+are imported only when an input needs them.
+"""
+import argparse
+import importlib
+import json
+import math
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from model import CheckpointError, ModelArgs, Transformer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WRITTEN = {"params.json", "consolidated.00.pth", "tokenizer.model", "tokenizer.json", "tokenizer_config.json"}
+BLOCK = ("attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1", "feed_forward.w2",
+         "feed_forward.w3", "attention_norm", "ffn_norm")  # Meta's names inside layers.{i}
+GGUF_BLOCK = dict(zip(("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_down", "ffn_up", "attn_norm",
+                       "ffn_norm"), BLOCK))
+GGUF_TOP = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output"}
+HF_BLOCK = dict(zip(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                     "mlp.down_proj", "mlp.up_proj", "input_layernorm", "post_attention_layernorm"), BLOCK))
+HF_TOP = {"model.embed_tokens": "tok_embeddings", "model.norm": "norm", "lm_head": "output"}
+
+
+def need(module):
+    """Import an optional package, or a one-line error naming what to pip install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise CheckpointError(f"convert.py needs the '{module}' package for this input: pip install {module}") from None
+
+
+def meta_name(name, top, block, prefix):
+    """'blk.3.attn_q.weight' -> 'layers.3.attention.wq.weight' (prefix 'blk'; HF: 'model.layers'), else None."""
+    stem, i, rest = name.removesuffix(".weight"), None, None
+    if stem.startswith(prefix + "."):
+        i, _, rest = stem[len(prefix) + 1:].partition(".")
+    if rest in block and i.isdigit():
+        return f"layers.{i}.{block[rest]}.weight"
+    return f"{top[stem]}.weight" if stem in top and name.endswith(".weight") else None
+
+
+def ffn_params(dim, hidden, source):
+    """multiple_of (and ffn_dim_multiplier if needed) for which ModelArgs.hidden_dim is the file's FFN width: Meta's
+    rule rounds int(8 dim / 3) (times the multiplier) up to multiple_of. SmolLM2: 1536 = int(8 * 576 / 3), any
+    multiple_of; otherwise multiple_of=1 and the multiplier is hidden / int(8 dim / 3), nudged up until int() lands
+    on `hidden` (floating point may leave it one short)."""
+    ffn = next((dict(multiple_of=m) for m in (256, 128, 64, 32, 16, 8, 4, 2, 1)
+                if ModelArgs(dim=dim, multiple_of=m).hidden_dim == hidden), None)
+    mult = hidden / int(8 * dim / 3)
+    while ffn is None and int(mult * int(8 * dim / 3)) < hidden:
+        mult = math.nextafter(mult, math.inf)
+    ffn = ffn or dict(multiple_of=1, ffn_dim_multiplier=mult)
+    if ModelArgs(dim=dim, **ffn).hidden_dim != hidden:
+        raise CheckpointError(f"{source}: FFN width {hidden} is not reachable with Meta's params for dim={dim}")
+    return ffn
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GGUF (llama.cpp). Shapes are stored reversed (ne order: innermost dimension first). wq/wk are already in Meta's
+# interleaved RoPE layout: llama.cpp's converter permutes HF weights back to it (checked against llama.cpp's logits).
+
+
+def read_gguf(path: Path, dtype, own_tokenizer):
+    gguf = need("gguf")
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise CheckpointError(f"{path}: not a GGUF file (it does not start with 'GGUF')")
+    try:
+        reader = gguf.GGUFReader(path)  # memory-mapped: tensor data is read when used
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot be read as GGUF, truncated or damaged ({type(e).__name__}: {e})")
+    meta = {k: f.contents() for k, f in reader.fields.items() if k.split(".")[-1] not in ("tokens", "merges", "scores")}
+    if meta.get("general.architecture") != "llama":
+        raise CheckpointError(f"{path}: general.architecture is {meta.get('general.architecture')!r}; expected 'llama'")
+    dim, heads = meta["llama.embedding_length"], meta["llama.attention.head_count"]
+    if meta.get("llama.expert_count") or meta.get("llama.rope.scaling.type", "none") != "none" or \
+            meta.get("llama.rope.dimension_count", dim // heads) != dim // heads:
+        raise CheckpointError(f"{path}: experts, scaled or partial RoPE: not the plain Llama this project runs")
+    model, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "gpt-2")
+    if own_tokenizer and (model != "gpt2" or pre not in ("smollm", "starcoder", "gpt-2")):
+        raise CheckpointError(f"{path}: cannot rebuild tokenizer {model!r} (pre-tokenizer {pre!r}); only 'gpt2' with "
+                              "'smollm', 'starcoder' or 'gpt-2'; pass --tokenizer=FILE with the model's own")
+    state = {}
+    for t in reader.tensors:
+        name = meta_name(t.name, GGUF_TOP, GGUF_BLOCK, "blk")
+        if name is None:  # e.g. rope_freqs.weight (Llama-3.1's scaled RoPE)
+            raise CheckpointError(f"{path}: unexpected tensor {t.name!r} (not one of a plain Llama's)")
+        try:
+            w = gguf.quants.dequantize(t.data, t.tensor_type)  # float32 numpy, (rows, row length)
+        except NotImplementedError:
+            raise CheckpointError(f"{path}: tensor {t.name} has quantization type {t.tensor_type.name}, which the "
+                                  "gguf package cannot dequantize") from None
+        state[name] = torch.tensor(w.reshape(tuple(reversed(t.shape.tolist()))), dtype=dtype)
+    params = dict(dim=dim, n_layers=meta["llama.block_count"], n_heads=heads,
+                  n_kv_heads=meta.get("llama.attention.head_count_kv", heads),
+                  vocab_size=state["tok_embeddings.weight"].shape[0],
+                  **ffn_params(dim, meta["llama.feed_forward_length"], path),
+                  norm_eps=float(f"{meta['llama.attention.layer_norm_rms_epsilon']:.7g}"),  # float32 in the file
+                  rope_theta=float(f"{meta.get('llama.rope.freq_base', 10000.0):.7g}"))
+    return params, state, lambda out: gguf_tokenizer(path, reader, meta, out)
+
+
+def gguf_tokenizer(path, reader, meta, out: Path):
+    """tokenizer.json + tokenizer_config.json rebuilt from a byte-level BPE GGUF: tokens (id = position), merges,
+    control tokens (type 3) as special tokens, BOS added only if add_bos_token. The pre-tokenizer "smollm" (like
+    "starcoder") is llama.cpp's split at every digit, then GPT-2's regex: SmolLM2's own Digits + ByteLevel."""
+    tk, pre = need("tokenizers"), meta.get("tokenizer.ggml.pre", "gpt-2")
+    tokens, types = reader.fields["tokenizer.ggml.tokens"].contents(), meta["tokenizer.ggml.token_type"]
+    merges = reader.fields["tokenizer.ggml.merges"].contents()
+    tok = tk.Tokenizer(tk.models.BPE({t: i for i, t in enumerate(tokens)}, [tuple(m.split(" ", 1)) for m in merges]))
+    digits = [tk.pre_tokenizers.Digits(individual_digits=True)] if pre != "gpt-2" else []
+    tok.pre_tokenizer = tk.pre_tokenizers.Sequence(digits + [tk.pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = tk.decoders.ByteLevel()
+    role = {f"{r}_token": tokens[meta[f"tokenizer.ggml.{k}_token_id"]] for r, k in
+            (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding")) if f"tokenizer.ggml.{k}_token_id" in meta}
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
+    bos = role.get("bos_token")
+    tok.post_processor = tk.processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tokens.index(bos))]) \
+        if add_bos else tk.processors.ByteLevel(trim_offsets=False)
+    tok.add_special_tokens([tk.AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == 3])
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps(dict(role, add_bos_token=add_bos), indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hugging Face: config.json + *.safetensors or pytorch_model*.bin, sharded (with an index) or not. HF permutes wq/wk
+# so that RoPE rotates the two halves of a head; Meta rotates interleaved pairs. Undone here, head by head.
+
+
+def unpermute(w, n_heads):
+    """Inverse of HF's permute: rows (head, 2, hd/2) -> (head, hd/2, 2). w: (n_heads * hd, dim)."""
+    return w.view(n_heads, 2, w.shape[0] // n_heads // 2, w.shape[1]).transpose(1, 2).reshape(w.shape)
+
+
+def hf_tensors(directory: Path):
+    """(file, name, tensor), one tensor at a time, from every weight file (all shards present)."""
+    for index, pattern in (("model.safetensors.index.json", "*.safetensors"), ("pytorch_model.bin.index.json",
+                                                                             "pytorch_model*.bin")):
+        files = sorted(directory.glob(pattern))
+        if (directory / index).is_file():
+            files = sorted({directory / f for f in json.loads((directory / index).read_text())["weight_map"].values()})
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise CheckpointError(f"{directory}: shard {missing[0]} named in {index} is missing")
+        for f in files:
+            try:
+                if f.suffix == ".safetensors":
+                    with need("safetensors").safe_open(str(f), framework="pt") as st:
+                        yield from ((f, k, st.get_tensor(k)) for k in st.keys())
+                else:
+                    yield from ((f, k, v) for k, v in torch.load(f, "cpu", mmap=True, weights_only=True).items())
+            except (CheckpointError, GeneratorExit):
+                raise
+            except Exception as e:
+                raise CheckpointError(f"{f}: cannot be read ({type(e).__name__}: {e})") from None
+        if files:
+            return
+    raise CheckpointError(f"{directory}: no weights (expected *.safetensors or pytorch_model*.bin)")
+
+
+def read_hf(directory: Path, dtype, own_tokenizer):
+    path = directory / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found; a Hugging Face model directory holds config.json and its weights")
+    found = [directory / n for n in ("tokenizer.model", "tokenizer.json") if (directory / n).is_file()]
+    if own_tokenizer and not found:
+        raise CheckpointError(f"{directory}: no tokenizer.model or tokenizer.json; pass --tokenizer=FILE")
+    c = json.loads(path.read_text())
+    rope = c.get("rope_parameters") or {}  # transformers >= 5 keeps rope_theta here
+    if c.get("model_type") != "llama" or c.get("rope_scaling") or rope.get("rope_type", "default") != "default" or \
+            c.get("attention_bias") or c.get("mlp_bias") or c.get("hidden_act", "silu") != "silu" or \
+            c.get("head_dim") not in (None, c["hidden_size"] // c["num_attention_heads"]):
+        raise CheckpointError(f"{path}: model_type {c.get('model_type')!r}; expected a plain Llama (model_type "
+                              "'llama', no rope_scaling, no biases, silu, head_dim = hidden_size / heads)")
+    heads = c["num_attention_heads"]
+    kv_heads = c.get("num_key_value_heads") or heads
+    state = {}
+    for f, key, w in hf_tensors(directory):
+        if key.endswith("rotary_emb.inv_freq"):
+            continue  # a cached RoPE table in old checkpoints
+        name = meta_name(key, HF_TOP, HF_BLOCK, "model.layers")
+        if name is None:
+            raise CheckpointError(f"{f}: unexpected tensor {key!r} (not one of a plain Llama's)")
+        if name.endswith(("wq.weight", "wk.weight")):
+            w = unpermute(w, heads if name.endswith("wq.weight") else kv_heads)
+        state[name] = w.to(dtype or w.dtype)  # auto: as stored
+    if c.get("tie_word_embeddings"):
+        state.pop("output.weight", None)  # some tied checkpoints also store the embedding as lm_head
+    params = dict(dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=heads, n_kv_heads=kv_heads,
+                  vocab_size=c["vocab_size"], **ffn_params(c["hidden_size"], c["intermediate_size"], path),
+                  norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=c.get("rope_theta") or rope.get("rope_theta", 10000.0))
+    return params, state, lambda out: copy_tokenizer(found[0], out)
+
+
+def copy_tokenizer(path: Path, out: Path):
+    """Under its usual name; a tokenizer.json brings the tokenizer_config.json beside it (its special tokens)."""
+    shutil.copy(path, out / ("tokenizer.json" if path.suffix == ".json" else "tokenizer.model"))
+    if path.suffix == ".json" and (path.parent / "tokenizer_config.json").is_file():
+        shutil.copy(path.parent / "tokenizer_config.json", out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The Meta directory
+
+
+def convert(src, out, overwrite=False, dtype="auto", tokenizer=None):
+    """Convert SRC (a .gguf file or an HF directory) into the Meta directory OUT (new, empty, or with --overwrite an
+    earlier conversion). dtype "auto": as stored (HF), float32 (GGUF: dequantized values are exact in fp32 only)."""
+    src, out = Path(src), Path(out)
+    present = {p.name for p in out.iterdir()} if out.is_dir() else set()
+    if out.exists() and not out.is_dir() or present - WRITTEN:
+        raise CheckpointError(f"{out}: exists and is not empty nor an earlier conversion; choose a new directory")
+    if present and not overwrite:
+        raise CheckpointError(f"{out}: already holds a checkpoint; pass --overwrite to replace it")
+    if not src.exists():
+        raise CheckpointError(f"{src}: not found (expected a .gguf file or a Hugging Face model directory)")
+    try:
+        params, state, write_tokenizer = read_hf(src, DTYPES.get(dtype), tokenizer is None) if src.is_dir() else \
+            read_gguf(src, DTYPES.get(dtype, torch.float32), tokenizer is None)
+    except KeyError as e:
+        raise CheckpointError(f"{src}: its config lacks {e}") from None
+    if "output.weight" not in state:  # tied: the output layer is the embedding, one tensor saved once
+        params["tie_embeddings"], state["output.weight"] = True, state.get("tok_embeddings.weight")
+    with torch.device("meta"):  # the shapes params.json implies, checked before anything is written
+        expected = {k: tuple(v.shape) for k, v in Transformer(ModelArgs(**params)).state_dict().items()}
+    for key in sorted(set(expected) | set(state)):
+        got = tuple(state[key].shape) if state.get(key) is not None else "missing"
+        if got != expected.get(key):
+            raise CheckpointError(f"{src}: {key} is {got} but its config implies {expected.get(key, 'no such tensor')}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # same filesystem: rename is atomic
+    try:
+        tmp.chmod(0o755)
+        torch.save(state, tmp / "consolidated.00.pth")
+        (tmp / "params.json").write_text(json.dumps(params, indent=2) + "\n")
+        copy_tokenizer(Path(tokenizer), tmp) if tokenizer else write_tokenizer(tmp)
+        if out.exists():  # empty, or the earlier conversion: moved into tmp, removed with it
+            out.rename(tmp / "replaced")
+        tmp.rename(out)
+        shutil.rmtree(out / "replaced", ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return params
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("src", help="a llama-architecture .gguf file, or a Hugging Face Llama directory")
+    p.add_argument("out_dir", help="the Meta directory to write (new or empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier conversion in OUT_DIR")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: as stored (HF), float32 (GGUF)")
+    p.add_argument("--tokenizer", help="use this tokenizer.model / tokenizer.json instead of SRC's")
+    a = p.parse_args(argv)
+    try:
+        params = convert(a.src, a.out_dir, a.overwrite, a.dtype, a.tokenizer)
+    except (CheckpointError, OSError) as e:
+        sys.exit(f"convert.py: {e}")
+    print(f"wrote {a.out_dir}: {json.dumps(params)}")
+
+
+if __name__ == "__main__":
+    main()
