@@ -1,4 +1,4 @@
-"""Benchmarks for MAGNET: python bench.py [--bench attention,magnet,inference,load,merge] [--quick] [--out FILE.json]
+"""Benchmarks for MAGNET: python bench.py [--bench attention,magnet,inference,load,merge,vs_hf] [--quick] [--out FILE.json]
 
 Each benchmark is one bench_* function; its docstring, printed above its table, says exactly what it measures.
 MFU = achieved FLOP/s / the best matmul FLOP/s read before and after the runs (a measured ceiling, not a datasheet
@@ -13,12 +13,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 import data
-from attention import CONTEXT, PAD, SPAN
+from attention import CONTEXT, PAD, SPAN, hybrid_mask
 from magnet import Magnet
 from eval import EvalConfig, provenance, suite_ppl
 from model import (LoRALinear, ModelArgs, Transformer, apply_lora, load_adapter, load_checkpoint, merged_state_dict,
@@ -221,6 +222,80 @@ def bench_merge(config):
     return rows
 
 
+def view_a_batch(B, T, vocab, generator):
+    """A synthetic MAGNET view A: random tokens, two 24-token SPAN runs per row (one in each half), 20% of the other
+    positions MNTP targets; labels stored where they are predicted (label[t-1] = token t), as data.view_a does."""
+    tokens = torch.randint(0, vocab, (B, T), generator=generator)
+    roles = torch.full((B, T), CONTEXT, dtype=torch.long)
+    for row in roles:
+        for half in (0, T // 2):
+            start = half + 1 + int(torch.randint(0, T // 2 - 25, (), generator=generator))
+            row[start:start + 24] = SPAN
+    msg, mntp = torch.full((B, T), data.IGNORE), torch.full((B, T), data.IGNORE)
+    is_span, picked = roles[:, 1:] == SPAN, torch.rand(B, T - 1, generator=generator) < 0.2
+    msg[:, :-1] = torch.where(is_span, tokens[:, 1:], data.IGNORE)
+    mntp[:, :-1] = torch.where(~is_span & picked, tokens[:, 1:], data.IGNORE)
+    return dict(tokens=tokens, roles=roles, mntp_labels=mntp, msg_labels=msg)
+
+
+def bench_vs_hf(config):
+    """The MAGNET view-A LoRA training step (MNTP + MSG on one hybrid-mask forward, backward, AdamW) here and in
+    Hugging Face transformers + PEFT, same model (Llama, vocab 32000, fp32), same batch (view_a_batch), same LoRA
+    (r=16, alpha 32, dropout 0.05 on all seven projections); HF gets the hybrid mask as a 4-D boolean attention_mask
+    and one cross-entropy over its full logits. Fresh process per run, the two alternated, best of `rounds` medians.
+    Real FLOPs/token, LoRA's frozen weights have no weight gradient: 4 N_layers (forward + input gradient) + 4 V dim
+    x (logit positions / tokens) + 12 n_layers dim T (attention, fwd+bwd) + 6 N_lora."""
+    if not config.get("child"):
+        try:
+            import peft, transformers  # noqa: F401 -- only the anchor needs them
+        except ImportError as e:
+            print(f"vs_hf: skipped, {e.name} is not installed (pip install transformers peft)")
+            return []
+        runs = [isolated(bench_vs_hf, dict(config, impl=impl)) for _ in range(config["rounds"])
+                for impl in ("magnet", "hf_peft")]
+        best = {impl: max((r for r in runs if r["name"] == impl), key=lambda r: r["tokens_per_s"])
+                for impl in ("magnet", "hf_peft")}
+        best["magnet"]["speedup_vs_hf"] = best["magnet"]["tokens_per_s"] / best["hf_peft"]["tokens_per_s"]
+        best["hf_peft"]["speedup_vs_hf"] = 1.0
+        return list(best.values())
+    B, T, dim, L, V = config["batch"], config["seq"], config["dim"], config["n_layers"], 32000
+    torch.manual_seed(0)
+    batch = view_a_batch(B, T, V, torch.Generator().manual_seed(0))
+    targets = torch.where(batch["mntp_labels"] != data.IGNORE, batch["mntp_labels"], batch["msg_labels"])
+    args = ModelArgs(dim=dim, n_layers=L, n_heads=8, vocab_size=V, max_seq_len=T)
+    if config["impl"] == "magnet":
+        model = apply_lora(Transformer(args), rank=16, alpha=32, dropout=0.05).train()
+        magnet = Magnet(model, SimpleNamespace(vocab_size=V, path="(none)"), w_sscl=0)
+        loss_fn = lambda: magnet.losses(batch)["total"]
+    else:
+        import peft, transformers
+        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=V, hidden_size=dim, intermediate_size=args.hidden_dim, num_hidden_layers=L,
+            num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=T, rms_norm_eps=args.norm_eps,
+            tie_word_embeddings=False, attn_implementation="sdpa"))
+        model = peft.get_peft_model(hf, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=[
+            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])).train()
+        positions = torch.arange(T).expand(B, T)
+        mask = hybrid_mask(batch["roles"], positions, batch["roles"], positions)  # (B, 1, T, T) bool
+        def loss_fn():  # MNTP and MSG targets never share a position: one cross-entropy over all logits
+            logits = model(input_ids=batch["tokens"], attention_mask=mask).logits  # (B, T, V)
+            return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
+                                                     ignore_index=data.IGNORE)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    before = memory("cpu")
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss_fn().backward()
+        opt.step()
+    seconds = median_time(step, config)
+    n_layers_params = L * (4 * dim * dim + 3 * dim * args.hidden_dim)
+    n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logit_share = float((targets != data.IGNORE).float().mean()) if config["impl"] == "magnet" else 1.0
+    flops = 4 * n_layers_params + 4 * V * dim * logit_share + 12 * L * dim * T + 6 * n_lora
+    return dict(name=config["impl"], tokens_per_s=B * T / seconds, gflop_per_token=flops / 1e9,
+                peak_mem_mib=(memory("cpu", peak=True) - before) / 2**20)
+
+
 def markdown_table(rows):
     """A markdown table whose headers are the keys of the result rows; floats get 3 decimals below 10, else 1."""
     cell = lambda v: (f"{v:.3f}" if abs(v) < 10 else f"{v:,.1f}") if isinstance(v, float) else str(v)
@@ -230,7 +305,7 @@ def markdown_table(rows):
 
 def main():
     BENCHES = dict(attention=bench_attention, magnet=bench_magnet, inference=bench_inference, load=bench_load,
-                   merge=bench_merge)
+                   merge=bench_merge, vs_hf=bench_vs_hf)
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--bench", default="attention,magnet,inference,load", help="comma list of: " + ", ".join(BENCHES))
     shared = Path(__file__).resolve().parent.parent / "shared"  # merge: a real base, its text, a trained adapter
@@ -255,18 +330,18 @@ def main():
     if q:
         a.dim, a.n_layers, a.batch, a.seq, a.steps = 128, 2, 2, 128, 1
     config = dict(device=a.device, dtype=a.dtype, dim=a.dim, n_layers=a.n_layers, batch=a.batch, seq=a.seq,
-                  steps=a.steps, backends=a.backends, stories=200 if q else 2000, toy_vocab=256,
+                  steps=a.steps, backends=a.backends, rounds=1 if q else 3, stories=200 if q else 2000, toy_vocab=256,
                   inference=dict(zip(("dim", "n_layers", "context", "new", "gap"),  # context: prompt/left/right
                                      (128, 2, 16, 16, 8) if q else (256, 4, 64, 128, 32))),
                   load=dict(zip(("dim", "n_layers", "vocab_size"), (256, 2, 1000) if q else (2048, 16, 32000)),
                             n_heads=16),
                   merge=dict(base=a.merge_base, tokenizer=a.merge_tokenizer, text=a.merge_text,
                              adapter=a.merge_adapter, limit=100 if q else 500))
-    dtype, n, mfu = getattr(torch, a.dtype), 512 if q else 2048, {"attention", "magnet"} & set(benches)
+    dtype, n, mfu = getattr(torch, a.dtype), 512 if q else 2048, {"attention", "magnet", "vs_hf"} & set(benches)
     readings = [matmul_peak(dtype, a.device, n)] if mfu else []
     results = {b: BENCHES[b](config) for b in benches}
     readings += [matmul_peak(dtype, a.device, n)] if mfu else []
-    for r in results.get("attention", []) + results.get("magnet", []):
+    for r in results.get("attention", []) + results.get("magnet", []) + results.get("vs_hf", []):
         achieved = r["tokens_per_s"] * r["gflop_per_token"] * 1e9
         r.update(achieved_gflop_s=achieved / 1e9, mfu_percent=100 * achieved / max(readings))
     print(f"device={a.device} dtype={a.dtype} threads={torch.get_num_threads()} torch={torch.__version__}; times: "

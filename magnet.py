@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 from attention import CONTEXT, SPAN
-from data import Tokenizer, sscl_views
+from data import IGNORE, Tokenizer, sscl_views
 from model import KVCache, load_adapter, load_checkpoint
-from objectives import mntp_loss, msg_loss, pool, sscl_loss
+from objectives import mntp_loss, msg_loss, pool, sscl_loss, token_nll
 
 
 SETTINGS = ("instruction", "pooling")  # how a model was trained to encode: inference must do the same
@@ -65,9 +65,12 @@ class Magnet:
         b = {k: v.to(self.device) for k, v in batch.items()}
         out = {}
         if self.weights["mntp"] or self.weights["msg"]:
-            logits = self.model(b["tokens"], b["roles"])  # (B, T, V)
-            out["mntp"] = mntp_loss(logits, b["mntp_labels"], b.get("mntp_count"))
-            out["msg"] = msg_loss(logits, b["msg_labels"], b.get("msg_count"))
+            mntp, msg = b["mntp_labels"], b["msg_labels"]  # (B, T) each, IGNORE where no target
+            at = (mntp != IGNORE) | (msg != IGNORE)  # (B, T): the positions that carry a target (~1/4 of view A)
+            logits = self.model(b["tokens"], b["roles"], logits_at=at)  # (N, V), only at those positions
+            nll = token_nll(logits, torch.where(mntp != IGNORE, mntp, msg)[at])  # (N,)
+            out["mntp"] = mntp_loss(nll, mntp[at], b.get("mntp_count"))
+            out["msg"] = msg_loss(nll, msg[at], b.get("msg_count"))
         if self.weights["sscl"]:
             hidden = self.model(b["sscl_tokens"], b["sscl_roles"], compute_logits=False,
                                 attn_dropout=self.sscl_dropout)  # (2B, T', dim); views B and C differ by the noise

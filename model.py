@@ -206,13 +206,14 @@ class Transformer(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, tokens, roles=None, start_pos=0, cache=None, return_hidden=False, positions=None,
-                compute_logits=True, attn_dropout=0.0):
+    def forward(self, tokens, roles=None, start_pos=0, cache=None, positions=None, compute_logits=True,
+                logits_at=None, attn_dropout=0.0):
         """tokens: (B, T) ids. roles: (B, T) PAD/CONTEXT/SPAN, None = all SPAN (an ordinary causal LM).
         positions: (B, T) or (T,) RoPE positions, default start_pos + 0..T-1. cache: a KVCache to read and extend.
         attn_dropout: dropout on the attention weights, in training mode only (SSCL's SimCSE noise).
-        Returns float32 logits (B, T, V), and the final normed hidden states (B, T, dim) if return_hidden;
-        only the hidden states if compute_logits=False (encoders skip the vocabulary projection).
+        Returns float32 logits (B, T, V); with logits_at, a (B, T) bool mask, only the logits of those positions,
+        (N, V) in row-major order (training losses need them where a target is: nothing (B, T, V) is built);
+        the final normed hidden states (B, T, dim) instead if compute_logits=False (encoders skip the vocabulary).
         """
         B, T = tokens.shape
         if positions is None:
@@ -237,8 +238,9 @@ class Transformer(nn.Module):
         h = self.norm(h)
         if not compute_logits:
             return h
-        logits = self.output(h).float()  # (B, T, V)
-        return (logits, h) if return_hidden else logits
+        if logits_at is not None:
+            h = h[logits_at]  # (N, dim): gather first, so the vocabulary projection runs only where it is needed
+        return self.output(h).float()  # (B, T, V) or (N, V)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -6,7 +6,9 @@
   SSCL  sentence-level contrastive learning: InfoNCE between a text and its positive, in-batch negatives.
 
 MNTP and MSG come from ONE hybrid forward pass (view A); their labels are already shifted by data.py, so
-label[t-1] holds token t and both losses are plain token-means of cross-entropy over their own targets.
+label[t-1] holds token t and both losses are plain token-means of cross-entropy over their own targets. A token is
+either context or span, so the two never target the same position: one cross-entropy over the positions that carry
+a target (token_nll) serves both, and no other position needs its logits.
 """
 import torch
 import torch.distributed as dist
@@ -16,22 +18,27 @@ from attention import PAD
 from data import IGNORE
 
 
-def _token_mean_ce(logits, labels, count=None):
-    """Cross-entropy summed over positions whose label is not IGNORE, divided by `count` (default: their number;
+def token_nll(logits, labels):
+    """Cross-entropy of each target, in fp32: logits (N, V), labels (N,) -> (N,), 0 where the label is IGNORE."""
+    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="none")
+
+
+def _token_mean(nll, labels, count=None):
+    """nll summed over the positions whose label is not IGNORE, divided by `count` (default: their number;
     data-parallel training passes the global count so every rank's share adds up to the global mean)."""
-    total = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum")
     n = count if count is not None else (labels != IGNORE).sum().clamp(min=1)
-    return total / n
+    return nll.masked_fill(labels == IGNORE, 0.0).sum() / n
 
 
-def mntp_loss(logits, mntp_labels, count=None):
-    """Masked next-token prediction. logits: (B, T, V) of view A; mntp_labels: (B, T), token t stored at t-1."""
-    return _token_mean_ce(logits, mntp_labels, count)
+def mntp_loss(nll, mntp_labels, count=None):
+    """Masked next-token prediction: the token-mean of view A's per-target nll (N,) over the MNTP targets;
+    mntp_labels (N,) holds, at each of those positions, the masked token t (stored at t-1) or IGNORE."""
+    return _token_mean(nll, mntp_labels, count)
 
 
-def msg_loss(logits, msg_labels, count=None):
-    """Missing-span generation, from the same logits as MNTP. msg_labels: (B, T), span token t stored at t-1."""
-    return _token_mean_ce(logits, msg_labels, count)
+def msg_loss(nll, msg_labels, count=None):
+    """Missing-span generation, from the same nll as MNTP: the token-mean over span targets (msg_labels (N,))."""
+    return _token_mean(nll, msg_labels, count)
 
 
 def pool(hidden, roles, last_index, pooling="last"):
