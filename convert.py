@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from data import copy_tokenizer, tokenizer_beside
 from model import CheckpointError, ModelArgs, Transformer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -176,7 +177,7 @@ def read_hf(directory: Path, dtype, own_tokenizer):
     path = directory / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{path}: not found; a Hugging Face model directory holds config.json and its weights")
-    found = [directory / n for n in ("tokenizer.model", "tokenizer.json") if (directory / n).is_file()]
+    found = tokenizer_beside(directory)
     if own_tokenizer and not found:
         raise CheckpointError(f"{directory}: no tokenizer.model or tokenizer.json; pass --tokenizer=FILE")
     c = json.loads(path.read_text())
@@ -203,14 +204,7 @@ def read_hf(directory: Path, dtype, own_tokenizer):
     params = dict(dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=heads, n_kv_heads=kv_heads,
                   vocab_size=c["vocab_size"], **ffn_params(c["hidden_size"], c["intermediate_size"], path),
                   norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=c.get("rope_theta") or rope.get("rope_theta", 10000.0))
-    return params, state, lambda out: copy_tokenizer(found[0], out)
-
-
-def copy_tokenizer(path: Path, out: Path):
-    """Under its usual name; a tokenizer.json brings the tokenizer_config.json beside it (its special tokens)."""
-    shutil.copy(path, out / ("tokenizer.json" if path.suffix == ".json" else "tokenizer.model"))
-    if path.suffix == ".json" and (path.parent / "tokenizer_config.json").is_file():
-        shutil.copy(path.parent / "tokenizer_config.json", out)
+    return params, state, lambda out: copy_tokenizer(found, out)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import json
 import os
 import random
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,6 +120,23 @@ class Tokenizer:
         if right[:1].isalnum():
             right = " " + right
         return self.encode(left, bos=True), self.encode_after(left or "x", right)
+
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")  # SentencePiece, or Hugging Face's (+ tokenizer_config.json)
+
+
+def tokenizer_beside(directory):
+    """The tokenizer file a checkpoint directory holds (the first of TOKENIZER_FILES present), else None."""
+    return next((Path(directory) / n for n in TOKENIZER_FILES if (Path(directory) / n).is_file()), None)
+
+
+def copy_tokenizer(path, directory):
+    """Copy a tokenizer into a checkpoint directory under its usual name; a tokenizer.json brings the
+    tokenizer_config.json beside it (its special tokens and BOS convention)."""
+    path, directory = Path(path), Path(directory)
+    shutil.copyfile(path, directory / TOKENIZER_FILES[path.suffix == ".json"])
+    if path.suffix == ".json" and (path.parent / "tokenizer_config.json").is_file():
+        shutil.copyfile(path.parent / "tokenizer_config.json", directory / "tokenizer_config.json")
 
 
 def train_tokenizer(texts, path, vocab_size):

@@ -43,7 +43,7 @@ SUITES = ("ppl", "infill", "repetition", "sts", "token", "mc")
 @dataclass
 class EvalConfig:
     suite: str = ",".join(SUITES)
-    tokenizer: str = ""  # "" = tokenizer.model beside the (base) checkpoint
+    tokenizer: str = ""  # "" = tokenizer.model or .json beside the (base) checkpoint
     text_data: str = "toy"  # held-out text for ppl / infill / repetition (a text file: its last 5% of paragraphs)
     sts_data: str = "toy"  # STS-B layout TSV
     token_data: str = "toy"  # a directory with CoNLL-2003 train.txt, valid.txt, test.txt
@@ -219,10 +219,12 @@ def suite_sts(m, cfg):
 
 
 def word_features(m, words):
-    """One vector per word: the feature of its first piece (Magnet.token_features)."""
+    """One vector per word: the feature of its first piece (Magnet.token_features). Word i starts where the pieces of
+    the words before it end: with SentencePiece and byte-level BPE alike a space starts a new piece, so the
+    tokenization of a prefix of the sentence is a prefix of the sentence's (a word with no piece is an error)."""
     pieces, feats = m.token_features(" ".join(words))
-    starts = np.cumsum([0] + [len(m.tok.encode(w)) for w in words[:-1]])
-    if len(pieces) != sum(len(m.tok.encode(w)) for w in words):
+    starts = [len(m.tok.encode(" ".join(words[:i]))) for i in range(len(words))]
+    if any(b <= a for a, b in zip(starts, starts[1:] + [len(pieces)])):
         raise EvalError(f"word pieces do not line up for {' '.join(words)[:60]!r}")
     return feats[starts]
 
@@ -332,7 +334,7 @@ def load(spec, cfg):
         if not Path(p).exists():
             raise EvalError(f"--ckpt={spec}: no such checkpoint {p} (expected [name=]PATH, PATH a Meta directory, "
                             "a llama2.c .bin or BASE::ADAPTER)")
-    tok = cfg.tokenizer or str(Path(base) / "tokenizer.model")
+    tok = cfg.tokenizer or str(data.tokenizer_beside(base) or Path(base) / "tokenizer.model")
     if not Path(tok).is_file():
         raise EvalError(f"no tokenizer for {base}: pass --tokenizer=PATH")
     options = dict(pooling=cfg.pooling) if cfg.pooling else {}  # else the model's own (and always its instruction)

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Reproduce the README's "Results" (MAGNET in miniature). Usage:  bash experiments.sh A   or   bash experiments.sh B
+# Reproduce the README's "Results". Usage:  bash experiments.sh A | B | C
 #   A: base = a causal model pretrained here on the toy world; adaptation and evaluation on the toy world.
 #   B: base = the real stories260K; adaptation on TinyStories text (its last 5% of stories held out for evaluation);
 #      STS-B test, CoNLL-2003, held-out TinyStories. Needs ../shared (or MAGNET_SHARED).
+#   C: base = the real SmolLM2-135M-Instruct (converted from ../shared's GGUF); adaptation on WikiText-2 text with
+#      SNLI entailment pairs as SSCL positives; LLM2Vec as published (MNTP, then supervised SimCSE); full STS-B test.
 # Every model is evaluated on the same data with the same settings. Checkpoints go to runs/ (not committed); the
 # JSON results and markdown tables go to results/.
 set -euo pipefail
 cd "$(dirname "$0")"
-setting=${1:?usage: bash experiments.sh A|B}
+setting=${1:?usage: bash experiments.sh A|B|C}
 runs=runs/$setting
 mkdir -p results "$runs"
 start=$(date +%s)
@@ -26,8 +28,22 @@ elif [ "$setting" = B ]; then
     eval_args=(--tokenizer="$tok" --suite=ppl,infill,repetition,sts,token --limit=500
                --text_data="$shared/data/tinystories/tinystories.txt" --sts_data="$shared/data/stsb/sts-test.csv"
                --token_data="$shared/data/conll2003")
+elif [ "$setting" = C ]; then
+    shared=${MAGNET_SHARED:-../shared}
+    base=$runs/smollm2
+    [ -f "$base/params.json" ] || python convert.py "$shared/assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" "$base"
+    common=(config/smollm2.py --init_from="$base" --tokenizer="$base/tokenizer.json"
+            --data="$shared/data/wikitext2/valid.txt" --pairs="$shared/data/snli/entailment_pairs.tsv")
+    train "${common[@]}" --out_dir="$runs/magnet"
+    # LLM2Vec as published: MNTP alone (all bidirectional), merged; then supervised SimCSE (mean pooling) on top
+    train "${common[@]}" --max_spans=0 --p_causal=0.0 --w_msg=0.0 --w_sscl=0.0 --out_dir="$runs/llm2vec_mntp"
+    train "${common[@]}" --init_from="$runs/llm2vec_mntp/merged" --w_mntp=0.0 --w_msg=0.0 --pooling=mean \
+        --out_dir="$runs/llm2vec"
+    train "${common[@]}" --p_causal=0.0 --out_dir="$runs/magnet_paper"
+    bash experiments_c_eval.sh "$runs" "$shared"
+    exit
 else
-    echo "unknown setting $setting (expected A or B)" >&2; exit 2
+    echo "unknown setting $setting (expected A, B or C)" >&2; exit 2
 fi
 
 # the adapted models: MAGNET, joint MNTP+SSCL (all-bidirectional, no MSG: LLM2Vec's two losses trained together,

@@ -43,7 +43,7 @@ class Config(BatchConfig):  # every key of the MAGNET batch, plus these
     out_dir: str = "out"
     init_from: str = "scratch"  # a base checkpoint (Meta directory or llama2.c .bin), or "scratch"
     pretrain_iters: int = 1000  # with init_from=scratch and lora: first train a causal base for this many steps
-    tokenizer: str = ""  # "" = the base directory's tokenizer.model, or the toy world's
+    tokenizer: str = ""  # "" = the base directory's tokenizer.model or .json, or the toy world's
     data: str = "toy"  # "toy" (the built-in toy world) or text file(s), comma-separated
     pairs: str = ""  # optional TSV of (text, positive) pairs for SSCL; without it a text's positive is itself + noise
     cache_dir: str = ".cache"  # tokenized corpora
@@ -172,9 +172,10 @@ def setup_data(cfg, out, write):
         corpus_path, pairs_path, tok_path = toy / "stories.txt", cfg.pairs or toy / "pairs.tsv", toy / "tok.model"
     else:
         corpus_path, pairs_path = [Path(p) for p in cfg.data.split(",")], cfg.pairs
-        tok_path = Path(cfg.tokenizer or Path(cfg.init_from) / "tokenizer.model")
-        if not tok_path.is_file():
-            raise ConfigError(f"tokenizer {tok_path} not found; set --tokenizer=PATH")
+        tok_path = Path(cfg.tokenizer) if cfg.tokenizer else data.tokenizer_beside(cfg.init_from)
+        if tok_path is None or not tok_path.is_file():
+            raise ConfigError(f"tokenizer {tok_path or Path(cfg.init_from) / 'tokenizer.model'} not found; set "
+                              "--tokenizer=PATH")
     tok = Tokenizer(cfg.tokenizer or tok_path, cfg.mask_piece)
     corpus = TextCorpus(corpus_path, tok, cache_dir=cfg.cache_dir)
     n = corpus.n_passages(cfg.sscl_len)
@@ -365,7 +366,7 @@ def export(out, model, full_model, tok, cfg, rank, world):
         if cfg.lora:
             save_adapter(full_model, out / "adapter.pt", overwrite=True, magnet=settings)
         save_checkpoint(full_model, out / "merged", overwrite=True, dtype=MERGED_DTYPES[cfg.merged_dtype])
-        shutil.copyfile(tok.path, out / "merged" / "tokenizer.model")
+        data.copy_tokenizer(tok.path, out / "merged")
         (out / "merged" / "magnet.json").write_text(json.dumps(settings) + "\n")
     barrier()
 
@@ -377,7 +378,7 @@ def barrier():
 
 def demo(out, cfg):
     """Show the two things MAGNET adds, on held-out toy-world data (with the base + adapter: exact at any dtype)."""
-    tok = out / "merged" / "tokenizer.model"
+    tok = data.tokenizer_beside(out / "merged")
     m = Magnet.load(cfg.init_from, tok, adapter=out / "adapter.pt") if cfg.lora else Magnet.load(out / "merged", tok)
     left, answer, right = data.toy_blanks(1, data.EVAL_SEED + cfg.seed)[0]
     fill = m.infill(left, right, len(m.tok.encode(answer)))
