@@ -218,15 +218,18 @@ def suite_sts(m, cfg):
     return {"spearman": 100 * rho}
 
 
-def word_features(m, words):
-    """One vector per word: the feature of its first piece (Magnet.token_features). Word i starts where the pieces of
-    the words before it end: with SentencePiece and byte-level BPE alike a space starts a new piece, so the
-    tokenization of a prefix of the sentence is a prefix of the sentence's (a word with no piece is an error)."""
-    pieces, feats = m.token_features(" ".join(words))
-    starts = [len(m.tok.encode(" ".join(words[:i]))) for i in range(len(words))]
-    if any(b <= a for a, b in zip(starts, starts[1:] + [len(pieces)])):
-        raise EvalError(f"word pieces do not line up for {' '.join(words)[:60]!r}")
-    return feats[starts]
+def word_features(m, sentences):
+    """One vector per word of each sentence (a list of words): the feature of the word's first piece
+    (Magnet.token_features). Word i starts where the pieces of the words before it end: with SentencePiece and
+    byte-level BPE alike a space starts a new piece, so the tokenization of a prefix of the sentence is a prefix of
+    the sentence's (a word with no piece is an error). Returns one (words, dim) tensor per sentence."""
+    out = []
+    for words, (pieces, feats) in zip(sentences, m.token_features([" ".join(w) for w in sentences])):
+        starts = [len(m.tok.encode(" ".join(words[:i]))) for i in range(len(words))]
+        if any(b <= a for a, b in zip(starts, starts[1:] + [len(pieces)])):
+            raise EvalError(f"word pieces do not line up for {' '.join(words)[:60]!r}")
+        out.append(feats[starts])
+    return out
 
 
 def train_probe(x, y, x_dev, y_dev, n_classes, seed, epochs=300, patience=20):
@@ -263,8 +266,7 @@ def token_splits(cfg):
 
 def suite_token(m, cfg):
     splits = token_splits(cfg)
-    feats = {s: [word_features(m, sent["words"]) for sent in tqdm(v, desc=f"features {s}", leave=False)]
-             for s, v in splits.items()}
+    feats = {s: word_features(m, [sent["words"] for sent in v]) for s, v in splits.items()}
     results = {}
     for task in [k for k in ("pos", "chunk", "ner") if k in splits["train"][0]]:
         labels = sorted({t for sent in splits["train"] for t in sent[task]})
@@ -327,9 +329,22 @@ SUITE_FUNCTIONS = dict(ppl=suite_ppl, infill=suite_infill, repetition=suite_repe
 # ----------------------------------------------------------------------------------------------------------------
 # Driver
 
+ENCODER_OPTIONS = {"pooling": ("last", "mean"), "attention": ("bidirectional", "causal")}
+
+
 def load(spec, cfg):
+    """--ckpt=[NAME=]PATH[::ADAPTER][#key=value,...]: options for how this model encodes text (ENCODER_OPTIONS),
+    e.g. a causal base read causally with mean pooling: base=PATH#attention=causal,pooling=mean."""
+    spec, _, extra = spec.partition("#")
     name, _, path = spec.partition("=") if "=" in spec else (spec, "", spec)
     base, _, adapter = path.partition("::")
+    options = dict(pooling=cfg.pooling) if cfg.pooling else {}  # else the model's own (and always its instruction)
+    for item in filter(None, extra.split(",")):
+        key, _, value = item.partition("=")
+        if value not in ENCODER_OPTIONS.get(key, ()):
+            raise EvalError(f"--ckpt=...#{item}: expected one of " + ", ".join(
+                f"{k}={v}" for k, vs in ENCODER_OPTIONS.items() for v in vs))
+        options[key] = value
     for p in [base] + ([adapter] if adapter else []):
         if not Path(p).exists():
             raise EvalError(f"--ckpt={spec}: no such checkpoint {p} (expected [name=]PATH, PATH a Meta directory, "
@@ -337,7 +352,6 @@ def load(spec, cfg):
     tok = cfg.tokenizer or str(data.tokenizer_beside(base) or Path(base) / "tokenizer.model")
     if not Path(tok).is_file():
         raise EvalError(f"no tokenizer for {base}: pass --tokenizer=PATH")
-    options = dict(pooling=cfg.pooling) if cfg.pooling else {}  # else the model's own (and always its instruction)
     return name, Magnet.load(base, tok, adapter=adapter or None, device=cfg.device, **options)
 
 
@@ -407,6 +421,7 @@ def provenance():
 
 def run_config(spec):
     """The train.py config.json beside a checkpoint's adapter (or merged export), if there is one."""
+    spec = spec.partition("#")[0]
     path = spec.partition("=")[2] or spec
     where = Path(path.partition("::")[2] or path).parent
     return json.loads((where / "config.json").read_text()) if (where / "config.json").is_file() else None

@@ -40,7 +40,23 @@ elif [ "$setting" = C ]; then
     train "${common[@]}" --init_from="$runs/llm2vec_mntp/merged" --w_mntp=0.0 --w_msg=0.0 --pooling=mean \
         --out_dir="$runs/llm2vec"
     train "${common[@]}" --p_causal=0.0 --out_dir="$runs/magnet_paper"
-    bash experiments_c_eval.sh "$runs" "$shared"
+    # evaluation: generation-side suites on held-out WikiText; encoders on the full STS-B test and CoNLL-2003 (probe
+    # trained on 2000 train sentences, early-stopped on the full dev split, tested on the full test split). The base
+    # is read causally (its training) and bidirectionally (MAGNET's way); its four encoder settings on STS-B alone
+    adapted=(--ckpt=magnet="$base::$runs/magnet/adapter.pt" --ckpt=magnet_paper="$base::$runs/magnet_paper/adapter.pt"
+             --ckpt=llm2vec="$runs/llm2vec_mntp/merged::$runs/llm2vec/adapter.pt")
+    data=(--tokenizer="$base/tokenizer.json" --text_data="$shared/data/wikitext2/valid.txt"
+          --sts_data="$shared/data/stsb/sts-test.csv" --token_data="$shared/data/conll2003" --seed=0 --overwrite=true)
+    python eval.py --ckpt=base="$base" "${adapted[@]}" "${data[@]}" --suite=ppl,infill,repetition --limit=60 \
+        --out=results/setting_c_text.json | tee results/setting_c_text.md
+    python eval.py --ckpt=base_causal="$base#attention=causal,pooling=mean" --ckpt=base_bidirectional="$base" \
+        "${adapted[@]}" "${data[@]}" --suite=sts,token --limit=0 --probe_train=2000 \
+        --out=results/setting_c_encode.json | tee results/setting_c_encode.md
+    python eval.py "${data[@]}" --suite=sts --limit=0 --out=results/setting_c_base_pooling.json \
+        --ckpt=causal_last="$base#attention=causal,pooling=last" --ckpt=causal_mean="$base#attention=causal,pooling=mean" \
+        --ckpt=bidirectional_last="$base#pooling=last" --ckpt=bidirectional_mean="$base#pooling=mean" \
+        | tee results/setting_c_base_pooling.md
+    echo "setting C: $(( $(date +%s) - start )) s wall time on $(nproc) CPU cores" | tee -a results/setting_c_text.md
     exit
 else
     echo "unknown setting $setting (expected A, B or C)" >&2; exit 2

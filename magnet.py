@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from attention import CONTEXT, SPAN
-from data import IGNORE, Tokenizer, sscl_views
+from attention import CONTEXT, PAD, SPAN
+from data import IGNORE, Tokenizer, pad_rows, sscl_views
 from model import KVCache, load_adapter, load_checkpoint
 from objectives import mntp_loss, msg_loss, pool, sscl_loss, token_nll
 
@@ -33,7 +33,7 @@ def read_settings(checkpoint, adapter=None):
 
 class Magnet:
     def __init__(self, model, tokenizer: Tokenizer, w_mntp=1.0, w_msg=1.0, w_sscl=1.0, temperature=0.05,
-                 pooling="last", instruction="", sscl_dropout=0.0):
+                 pooling="last", instruction="", sscl_dropout=0.0, attention="bidirectional"):
         if model.args.vocab_size != tokenizer.vocab_size:
             raise ValueError(f"{tokenizer.path}: {tokenizer.vocab_size} tokens, but the model has "
                              f"{model.args.vocab_size}; the tokenizer must be the model's own")
@@ -41,6 +41,9 @@ class Magnet:
         self.weights = dict(mntp=w_mntp, msg=w_msg, sscl=w_sscl)
         self.temperature, self.pooling, self.instruction = temperature, pooling, instruction
         self.sscl_dropout = sscl_dropout  # SimCSE noise: attention dropout in the SSCL forward (views B, C) only
+        if attention not in ("bidirectional", "causal"):
+            raise ValueError(f"attention={attention!r}: expected 'bidirectional' or 'causal'")
+        self.attention = attention  # how encode / token_features read text; "causal" suits a plain causal LM
 
     @classmethod
     def load(cls, checkpoint, tokenizer, adapter=None, device="cpu", dtype=None, **options):
@@ -167,6 +170,11 @@ class Magnet:
                 span.append(self._sample(logits, temperature, top_p, gen))
         return self.tok.decode(span)
 
+    def _encoder_roles(self, roles):
+        """MAGNET encodes with all-CONTEXT (bidirectional) attention. attention="causal" reads text as a plain
+        left-to-right LM was trained to (a baseline): every non-PAD token a SPAN, so each sees only its left."""
+        return roles if self.attention == "bidirectional" else torch.where(roles == PAD, PAD, SPAN)
+
     @torch.no_grad()
     def encode(self, texts, pooling=None, batch_size=32):
         """Sentence vectors (N, dim) with all-CONTEXT (bidirectional) attention; EOS appended, last-token pooling
@@ -178,19 +186,27 @@ class Magnet:
             ids = [self.tok.encode(t) for t in texts[i:i + batch_size]]
             self._check_length(max(len(t) for t in ids) + 2 + len(self.tok.encode(self.instruction)))
             tokens, roles, last = (x.to(self.device) for x in sscl_views(ids, self.tok, 10 ** 9, self.instruction))
+            roles = self._encoder_roles(roles)
             hidden = self.model(tokens, roles, compute_logits=False)  # (b, T, dim)
             out.append(pool(hidden, roles, last, pooling or self.pooling).float().cpu())
         return torch.cat(out)
 
     @torch.no_grad()
-    def token_features(self, text):
+    def token_features(self, text, batch_size=32):
         """Per-token vectors, all-CONTEXT attention. As in MNTP, the output at t-1 represents token t, so piece t's
-        vector is hidden[t-1] (BOS's output represents the first piece). Returns (pieces, Tensor[T, dim])."""
-        self._check_arguments(dict(text=text), {})
-        if not text.strip():
-            raise ValueError("token_features needs a non-empty text")
-        ids = self.tok.encode(text, bos=True)
-        self._check_length(len(ids))
-        x = torch.tensor([ids], device=self.device)
-        hidden = self.model(x, torch.full_like(x, CONTEXT), compute_logits=False)[0]  # (T+1, dim)
-        return [self.tok.id_to_piece(i) for i in ids[1:]], hidden[:-1].float().cpu()
+        vector is hidden[t-1] (BOS's output represents the first piece); with attention="causal" it is piece t's own
+        output hidden[t] (at t-1 a left-to-right model has not seen t). Returns (pieces, Tensor[T, dim]); for a list
+        of texts, one such pair per text (computed batch_size texts at a time)."""
+        texts = text if isinstance(text, list) else [text]
+        self._check_arguments({"text": t for t in texts}, {})
+        if not texts or not all(t.strip() for t in texts):
+            raise ValueError("token_features needs non-empty texts")
+        out, shift = [], int(self.attention == "causal")
+        for i in range(0, len(texts), batch_size):
+            ids = [self.tok.encode(t, bos=True) for t in texts[i:i + batch_size]]
+            self._check_length(max(map(len, ids)))
+            tokens = pad_rows(ids, self.tok.pad_id).to(self.device)  # (b, T+1)
+            roles = self._encoder_roles(pad_rows([[CONTEXT] * len(r) for r in ids], PAD).to(self.device))
+            hidden = self.model(tokens, roles, compute_logits=False).float().cpu()  # (b, T+1, dim)
+            out += [([self.tok.id_to_piece(j) for j in r[1:]], h[shift:len(r) - 1 + shift]) for r, h in zip(ids, hidden)]
+        return out if isinstance(text, list) else out[0]

@@ -304,3 +304,27 @@ def test_command_line_error_is_one_line(tmp_path):
     assert r.returncode == 1 and r.stdout == ""
     assert r.stderr.count("\n") == 1 and "nothing.gguf: not found" in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_setting_c_recipe_runs_a_few_steps(smollm2, tmp_path):
+    """config/smollm2.py (Setting C) on a slice of its data: trains, exports with the BPE tokenizer beside the merged
+    weights, and LLM2Vec's second stage starts from that export, as experiments.sh C runs them."""
+    import train
+    text = tmp_path / "wiki.txt"
+    text.write_text("\n\n".join(shared_file("data/wikitext2/valid.txt").read_text().split("\n \n")[:60]))
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("".join(shared_file("data/snli/entailment_pairs.tsv").read_text().splitlines(True)[:40]))
+    tiny = [f"--init_from={smollm2}", f"--tokenizer={smollm2 / 'tokenizer.json'}", f"--data={text}",
+            f"--pairs={pairs}", "--batch_size=2", "--seq_len=32", "--sscl_len=16", "--max_iters=2",
+            "--warmup_iters=1", "--demo=false", f"--cache_dir={tmp_path / 'cache'}"]
+    assert train.main([str(ROOT / "config/smollm2.py"), *tiny, f"--out_dir={tmp_path / 'mntp'}", "--max_spans=0",
+                       "--p_causal=0.0", "--w_msg=0.0", "--w_sscl=0.0"]) == 0
+    merged = tmp_path / "mntp" / "merged"
+    assert (merged / "tokenizer.json").is_file() and (merged / "tokenizer_config.json").is_file()
+    tiny[:2] = [f"--init_from={merged}", f"--tokenizer={merged / 'tokenizer.json'}"]
+    assert train.main([str(ROOT / "config/smollm2.py"), *tiny, f"--out_dir={tmp_path / 'simcse'}", "--w_mntp=0.0",
+                       "--w_msg=0.0", "--pooling=mean"]) == 0
+    log = [json.loads(line) for line in (tmp_path / "simcse" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and all(np.isfinite(r["sscl"]) for r in log)
+    m = Magnet.load(merged, merged / "tokenizer.json", adapter=tmp_path / "simcse" / "adapter.pt")
+    assert m.pooling == "mean" and m.encode(["A man is playing a guitar."]).shape == (1, 576)

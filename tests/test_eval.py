@@ -83,7 +83,7 @@ def test_the_probe_trains_on_train_and_stops_on_dev_only(tiny_ckpt, monkeypatch)
     ev.suite_token(m, cfg)
 
     def features(n, seed):
-        return torch.cat([ev.word_features(m, s["words"]) for s in ev.data.toy_tagged(n, seed)])
+        return torch.cat(ev.word_features(m, [s["words"] for s in ev.data.toy_tagged(n, seed)]))
 
     (x, x_dev), = seen  # one task (toy POS tags)
     held_out = ev.data.EVAL_SEED + cfg.seed
@@ -207,4 +207,12 @@ def test_word_features_take_each_words_first_piece(tiny_ckpt):
     pieces, feats = m.token_features(" ".join(words))
     firsts = [i for i, p in enumerate(pieces) if p.startswith("▁")]  # SentencePiece marks a word start with ▁
     assert len(firsts) == len(words) < len(pieces)  # some words span several pieces
-    assert torch.equal(ev.word_features(m, words), feats[firsts])
+    assert torch.equal(ev.word_features(m, [words])[0], feats[firsts])
+
+
+def test_checkpoint_options_set_how_a_model_encodes(tiny_ckpt):
+    name, m = ev.load(f"base={tiny_ckpt}#attention=causal,pooling=mean", ev.EvalConfig())
+    assert (name, m.attention, m.pooling) == ("base", "causal", "mean")
+    assert ev.run_config(f"base={tiny_ckpt}#attention=causal") is None  # the options are not part of the path
+    with pytest.raises(ev.EvalError, match="attention=causal"):
+        ev.load(f"{tiny_ckpt}#attention=sideways", ev.EvalConfig())

@@ -132,6 +132,25 @@ def test_encode_is_deterministic_and_padding_free(tiny):
     assert len(pieces) == feats.shape[0] and feats.shape[1] == 48 and pieces[0] == "▁Mia"
 
 
+def test_batched_and_causal_encoders_read_each_text_alone(tiny):
+    """token_features over a padded batch equals one text at a time; attention="causal" (the base's way to encode)
+    equals the plain causal forward: piece t's vector is its own output, sentence vectors ignore padding."""
+    texts = ["Mia found a kite.", "A kite.", "Under the old tree, Tom found a red kite and a ball."]
+    for attention in ("bidirectional", "causal"):
+        m = Magnet(tiny.model, tiny.tok, attention=attention)
+        batched = m.token_features(texts)
+        for text, (pieces, feats) in zip(texts, batched):
+            alone_pieces, alone = m.token_features(text)
+            assert pieces == alone_pieces and torch.allclose(feats, alone, atol=1e-5)
+        assert torch.allclose(m.encode(texts)[1], m.encode(texts[1:2])[0], atol=1e-5)
+    ids = torch.tensor([tiny.tok.encode(texts[2], bos=True)])
+    causal = tiny.model(ids, compute_logits=False)[0]  # roles None: all SPAN, the ordinary causal LM
+    assert torch.allclose(batched[2][1], causal[1:], atol=1e-5)
+    assert not torch.allclose(Magnet(tiny.model, tiny.tok).token_features(texts[2])[1], causal[1:], atol=1e-3)
+    with pytest.raises(ValueError, match="attention="):
+        Magnet(tiny.model, tiny.tok, attention="sideways")
+
+
 def test_bad_input_gets_clear_errors(tiny, tmp_path, toy):
     with pytest.raises(ValueError, match="n_tokens must be an int > 0, got 0"):
         tiny.infill("a", "b", 0)
