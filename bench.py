@@ -61,12 +61,23 @@ def hybrid_roles(batch, seq, generator=None):
     return roles
 
 
-def flops_per_token(model, seq, logits=True):
-    """FLOPs per token of forward+backward: 6 N + 12 n_layers dim seq (PaLM appendix B, as in nanoGPT). N: all
-    parameters but the token embedding (a lookup) and, unless logits, the output projection; 6 = 2 FLOPs per multiply-
-    add x 3 (forward, backward to inputs and to weights). 12 n_layers dim seq: Q K^T and P V over all seq x seq."""
+def flops_per_token(model, seq):
+    """FLOPs per token of full forward+backward: 6 N + 12 n_layers dim seq (PaLM appendix B, as in nanoGPT). N: all
+    parameters but the token embedding (a lookup); 6 = 2 FLOPs per multiply-add x 3 (forward, backward to inputs and
+    to weights). 12 n_layers dim seq: Q K^T and P V over all seq x seq."""
     n = sum(p.numel() for p in model.parameters()) - model.tok_embeddings.weight.numel()
-    return 6 * (n - (not logits) * model.output.weight.numel()) + 12 * model.args.n_layers * model.args.dim * seq
+    return 6 * n + 12 * model.args.n_layers * model.args.dim * seq
+
+
+def lora_flops_per_token(model, seq, logit_share):
+    """Real FLOPs per token of a LoRA training step. The frozen weights get no weight gradient: 4 N_layers (forward and
+    input gradient, 2 FLOPs per multiply-add each) + 4 V dim x logit_share (the output projection, only where logits
+    are computed) + 12 n_layers dim seq (Q K^T and P V over all seq x seq, forward + backward) + 6 N_LoRA (LoRA's
+    own weights: forward, input and weight gradients)."""
+    frozen = sum(p.numel() for n, p in model.layers.named_parameters() if "lora_" not in n and p.dim() == 2)
+    n_lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    return 4 * frozen + 4 * model.output.weight.numel() * logit_share + \
+        12 * model.args.n_layers * model.args.dim * seq + 6 * n_lora
 
 
 def memory(device, peak=False):
@@ -117,8 +128,9 @@ def toy_world(config):
 
 def bench_magnet(config):
     """One full MAGNET training step, Magnet.losses on one data.magnet_batch of the toy world (made once, untimed;
-    view A rows of seq tokens, SSCL positives = paraphrase pairs): view A forward (MNTP+MSG), views B/C forward
-    (SSCL), backward, AdamW on the LoRA (r=16) parameters. Tokens = non-PAD tokens of views A, B and C."""
+    view A rows of seq tokens, SSCL positives = paraphrase pairs) with a Llama-2-size vocabulary (32000): view A
+    forward (MNTP+MSG, logits at target positions only), views B/C forward (SSCL), backward, AdamW on the LoRA (r=16)
+    parameters. Tokens = non-PAD tokens of views A, B and C."""
     if not config.get("child"):
         return isolated(bench_magnet, config)
     device, dtype = config["device"], getattr(torch, config["dtype"])
@@ -126,21 +138,21 @@ def bench_magnet(config):
     torch.manual_seed(0)
     cfg = data.BatchConfig(batch_size=config["batch"], seq_len=config["seq"] - 1)  # view A: BOS + seq_len tokens
     batch = data.magnet_batch(corpus, cfg, np.random.default_rng(0), pairs)
-    args = ModelArgs(dim=config["dim"], n_layers=config["n_layers"], n_heads=8, vocab_size=tok.vocab_size,
+    args = ModelArgs(dim=config["dim"], n_layers=config["n_layers"], n_heads=8, vocab_size=32000,  # Llama-2's
                      max_seq_len=config["seq"])
     model = apply_lora(Transformer(args).to(device=device, dtype=dtype), rank=16)  # LoRA in --dtype too
-    magnet = Magnet(model.train(), tok)
+    magnet = Magnet(model.train(), SimpleNamespace(vocab_size=32000, path="(toy ids in a 32000 vocabulary)"))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     before = memory(device)
     def step():
         opt.zero_grad(set_to_none=True)
         magnet.losses(batch)["total"].backward()
         opt.step()
-    # FLOPs: the standard 6N convention of flops_per_token, at each view's padded length (views B/C skip the output
-    # projection). We keep 6N although under LoRA the frozen weights get no weight gradients (real work nearer 4N).
+    # FLOPs: view A with logits at its target positions, views B/C without the output projection
     n_a, n_bc = int((batch["roles"] != PAD).sum()), int((batch["sscl_roles"] != PAD).sum())
-    flops = n_a * flops_per_token(model, batch["tokens"].shape[1]) + \
-        n_bc * flops_per_token(model, batch["sscl_tokens"].shape[1], logits=False)
+    targets = int(((batch["mntp_labels"] != data.IGNORE) | (batch["msg_labels"] != data.IGNORE)).sum())
+    flops = n_a * lora_flops_per_token(model, batch["tokens"].shape[1], targets / n_a) + \
+        n_bc * lora_flops_per_token(model, batch["sscl_tokens"].shape[1], 0.0)
     return [dict(name=f"magnet ({args.attn_backend})", tokens_per_s=(n_a + n_bc) / median_time(step, config),
                  gflop_per_token=flops / (n_a + n_bc) / 1e9, peak_mem_mib=(memory(device, True) - before) / 2**20)]
 
@@ -243,8 +255,7 @@ def bench_vs_hf(config):
     Hugging Face transformers + PEFT, same model (Llama, vocab 32000, fp32), same batch (view_a_batch), same LoRA
     (r=16, alpha 32, dropout 0.05 on all seven projections); HF gets the hybrid mask as a 4-D boolean attention_mask
     and one cross-entropy over its full logits. Fresh process per run, the two alternated, best of `rounds` medians.
-    Real FLOPs/token, LoRA's frozen weights have no weight gradient: 4 N_layers (forward + input gradient) + 4 V dim
-    x (logit positions / tokens) + 12 n_layers dim T (attention, fwd+bwd) + 6 N_lora."""
+    FLOPs: lora_flops_per_token (the real work of a LoRA step)."""
     if not config.get("child"):
         try:
             import peft, transformers  # noqa: F401 -- only the anchor needs them
@@ -288,10 +299,10 @@ def bench_vs_hf(config):
         loss_fn().backward()
         opt.step()
     seconds = median_time(step, config)
-    n_layers_params = L * (4 * dim * dim + 3 * dim * args.hidden_dim)
-    n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    with torch.device("meta"):  # the same shapes, to count FLOPs (HF computes every logit)
+        shapes = apply_lora(Transformer(args), rank=16)
     logit_share = float((targets != data.IGNORE).float().mean()) if config["impl"] == "magnet" else 1.0
-    flops = 4 * n_layers_params + 4 * V * dim * logit_share + 12 * L * dim * T + 6 * n_lora
+    flops = lora_flops_per_token(shapes, T, logit_share)
     return dict(name=config["impl"], tokens_per_s=B * T / seconds, gflop_per_token=flops / 1e9,
                 peak_mem_mib=(memory("cpu", peak=True) - before) / 2**20)
 
@@ -332,7 +343,7 @@ def main():
     config = dict(device=a.device, dtype=a.dtype, dim=a.dim, n_layers=a.n_layers, batch=a.batch, seq=a.seq,
                   steps=a.steps, backends=a.backends, rounds=1 if q else 3, stories=200 if q else 2000, toy_vocab=256,
                   inference=dict(zip(("dim", "n_layers", "context", "new", "gap"),  # context: prompt/left/right
-                                     (128, 2, 16, 16, 8) if q else (256, 4, 64, 128, 32))),
+                                     (128, 2, 16, 16, 8) if q else (256, 4, 64, 512, 512))),
                   load=dict(zip(("dim", "n_layers", "vocab_size"), (256, 2, 1000) if q else (2048, 16, 32000)),
                             n_heads=16),
                   merge=dict(base=a.merge_base, tokenizer=a.merge_tokenizer, text=a.merge_text,
