@@ -177,8 +177,8 @@ class Magnet:
 
     @torch.no_grad()
     def encode(self, texts, pooling=None, batch_size=32):
-        """Sentence vectors (N, dim) with all-CONTEXT (bidirectional) attention; EOS appended, last-token pooling
-        by default (or "mean")."""
+        """Sentence vectors (N, dim) with all-CONTEXT (bidirectional) attention (all-SPAN with attention="causal");
+        EOS appended, last-token pooling by default (or "mean")."""
         if isinstance(texts, str) or not texts or not all(isinstance(t, str) and t.strip() for t in texts):
             raise ValueError("encode expects a non-empty list of non-empty strings")
         out = []
@@ -198,7 +198,8 @@ class Magnet:
         output hidden[t] (at t-1 a left-to-right model has not seen t). Returns (pieces, Tensor[T, dim]); for a list
         of texts, one such pair per text (computed batch_size texts at a time)."""
         texts = text if isinstance(text, list) else [text]
-        self._check_arguments({"text": t for t in texts}, {})
+        for t in texts:
+            self._check_arguments(dict(text=t), {})
         if not texts or not all(t.strip() for t in texts):
             raise ValueError("token_features needs non-empty texts")
         out, shift = [], int(self.attention == "causal")

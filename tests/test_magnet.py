@@ -160,6 +160,8 @@ def test_bad_input_gets_clear_errors(tiny, tmp_path, toy):
         tiny.infill(None, "b", 1)
     with pytest.raises(TypeError, match="text must be a str, got 5"):
         tiny.token_features(5)
+    with pytest.raises(TypeError, match="text must be a str, got None"):
+        tiny.token_features(["Mia found a kite.", None, "A kite."])
     with pytest.raises(TypeError, match="prompt must be a str"):
         tiny.generate(["Mia"], 3)
     with pytest.raises(ValueError, match="max_new_tokens must be an int > 0, got -1"):
