@@ -21,14 +21,15 @@ def smooth(values, window=10):
 def plot_losses(plt, runs, out):
     logs = {d.name: [json.loads(line) for line in (d / "log.jsonl").read_text().splitlines()]
             for d in sorted(runs.iterdir()) if (d / "log.jsonl").is_file()}
+    color = {name: f"C{i}" for i, name in enumerate(logs)}  # one color per run in every panel
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, loss in zip(axes, ("mntp", "msg", "sscl")):
         for name, rows in logs.items():
             rows = [r for r in rows if loss in r and r[loss] == r[loss]]  # present, not NaN
-            if rows and any(r[loss] for r in rows):
-                ax.plot([r["step"] for r in rows], smooth([r[loss] for r in rows]), label=name)
-        ax.set(title=f"{loss.upper()} loss (moving average of 10 steps)", xlabel="step")
-    axes[0].legend()
+            if rows and any(r[loss] for r in rows):  # a loss switched off is logged as 0
+                ax.plot([r["step"] for r in rows], smooth([r[loss] for r in rows]), label=name, color=color[name])
+        ax.set(title=f"{loss.upper()} training loss (moving average of 10 steps)", xlabel="step")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
 
@@ -43,18 +44,19 @@ def plot_claims(plt, prefix, out):
         ("CoNLL POS probe accuracy", dict(base=encode["base_causal"]["token"]["pos_acc"],
                                           llm2vec=encode["llm2vec"]["token"]["pos_acc"],
                                           magnet=encode["magnet"]["token"]["pos_acc"]), False),
-        ("gap perplexity (8 tokens)", dict(base=text["base"]["infill"]["gap_ppl_left_only"],
+        ("gap PPL, 8 tokens", dict(base=text["base"]["infill"]["gap_ppl_left_only"],
                                            llm2vec=text["llm2vec"]["infill"]["gap_ppl_hybrid"],
                                            magnet=text["magnet"]["infill"]["gap_ppl_hybrid"]), True),
-        ("rep-sen of greedy continuations", {m: text[m]["repetition"]["rep_sen"] for m in ("base", "llm2vec", "magnet")},
+        ("rep-sen", {m: text[m]["repetition"]["rep_sen"] for m in ("base", "llm2vec", "magnet")},
          True),
-        ("held-out WikiText perplexity", {m: text[m]["ppl"]["ppl"] for m in ("base", "llm2vec", "magnet")}, True),
+        ("held-out WikiText PPL", {m: text[m]["ppl"]["ppl"] for m in ("base", "llm2vec", "magnet")}, True),
     ]
     fig, axes = plt.subplots(1, len(panels), figsize=(15, 3.4))
     for ax, (title, values, lower) in zip(axes, panels):
         bars = ax.bar(list(values), list(values.values()), color=["#999999", "#4c72b0", "#dd8452"])
         ax.bar_label(bars, fmt="%.3g")
         ax.set_title(title + (" (lower is better)" if lower else ""), fontsize=9)
+        ax.set_ylim(0, 1.15 * max(values.values()))
     fig.suptitle("Setting C: SmolLM2-135M, base vs LLM2Vec vs MAGNET (base gap PPL: left context only)")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
