@@ -401,25 +401,28 @@ def read_conll(path):
 #
 # Every story opens with "<name> found a <object> <place>." The object is drawn independently of everything
 # before it and is named again only in the NEXT sentence, so a blank over it is determined by the right context
-# alone: a causal model is at chance (1/8), a model that reads both sides is not. Sentences built from a frame
+# alone: a causal model is at chance (1/8), a model that reads both sides is not. Objects are named by 1 to 4
+# words ("kite", "story book", "little paper boat", ...), so the blank's LENGTH is also known only from the right:
+# the test of infilling without being told the gap's size. Sentences built from a frame
 # (name, verb, object, place) have several surface forms, giving paraphrases and pairs of graded similarity.
 # Each word carries a part-of-speech tag (lexicon below; "word/TAG" in a template overrides it, e.g. "light"
 # is a NOUN in "a warm light" and an ADJ in "the drum was light").
 
 EVAL_SEED = 1_000_000  # toy-world evaluation data comes from seeds >= this; training data from the run's seed
 NAMES = ["Mia", "Tom", "Sam", "Lily", "Ben", "Anna", "Max", "Zoe"]
-OBJECTS = {"kite": "it flew high in the wind", "ball": "it bounced on the grass", "book": "it had many pages",
-           "cake": "it tasted very sweet", "boat": "it floated on the pond", "drum": "it made a loud sound",
-           "lamp": "it gave a warm light", "hat": "it kept the sun away"}
+OBJECTS = {"kite": "it flew high in the wind", "ball": "it bounced on the grass",
+           "story book": "it had many pages", "birthday cake": "it tasted very sweet",
+           "little paper boat": "it floated on the pond", "big toy drum": "it made a loud sound",
+           "shiny old oil lamp": "it gave a warm light", "funny straw sun hat": "it kept the sun away"}
 PLACES = ["under the tree", "in the garden", "near the river", "in a box", "behind the house", "on the hill"]
 ADJECTIVES = ["red", "blue", "green", "yellow", "big", "small", "old", "light/ADJ"]
 VERBS = [("found", "discovered"), ("spotted", "noticed"), ("lost", "misplaced"), ("bought", "purchased")]
 LEXICON = {tag: words.split() for tag, words in {
-    "NOUN": "kite ball book cake boat drum lamp hat tree garden river box house hill wind grass pages pond sound "
-            "light sun day morning",
+    "NOUN": "kite ball story book birthday cake paper boat toy drum oil lamp straw hat tree garden river box house "
+            "hill wind grass pages pond sound light sun day morning",
     "VERB": "found discovered spotted noticed lost misplaced bought purchased was flew bounced had tasted floated "
             "made gave kept wanted play played went were",
-    "ADJ": "red blue green yellow big small old many sweet loud warm happy good",
+    "ADJ": "red blue green yellow big small old many sweet loud warm happy good little shiny funny",
     "DET": "a the A The",
     "ADP": "under Under in In near Near behind Behind on On by with to",
     "PRON": "it It They",
@@ -478,10 +481,10 @@ def toy_stories(n, seed):
 
 
 def toy_blanks(n, seed):
-    """(left, answer, right) triples: the answer is the object that only the right context names."""
+    """(left, answer, right) triples: the answer is the object (1-4 words) that only the right context names."""
     out = []
     for text in toy_stories(n, seed):
-        obj = re.search(r" found a (\w+) ", text).group(1)
+        obj = re.search(" found a (" + "|".join(OBJECTS) + ") ", text).group(1)
         i = text.index(f" found a {obj} ") + len(" found a")
         out.append((text[:i], obj, text[i + 1 + len(obj):]))
     return out

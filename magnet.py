@@ -3,6 +3,7 @@
     m = Magnet.load("stories260K.bin", "tok512.model")           # a base model (+ adapter=... after training)
     m.generate("Once upon a time", 40)                           # left to right, all-SPAN attention, KV cache
     m.infill("Mia found a", " under the tree. The kite was red.", 1)   # fill a gap from BOTH sides
+    m.infill("Mia found a", " under the tree. The story book was red.")  # ... whose length the model chooses
     m.encode(["a sentence", "another"])                          # sentence vectors, all-CONTEXT attention
     m.token_features("a sentence")                               # per-token vectors
     m.losses(batch)                                              # the MAGNET training losses of one batch
@@ -135,40 +136,92 @@ class Magnet:
                 logits = self.model(torch.tensor([ids + new], device=self.device))[0, -1]
         return self.tok.decode(new)
 
-    @torch.no_grad()
-    def infill(self, left, right, n_tokens, temperature=0.0, top_p=1.0, seed=0, use_cache=True):
-        """Fill a gap of exactly n_tokens between `left` and `right`, reading both (DESIGN §5). Returns the gap text.
-
-        CONTEXT = BOS + left + right, at positions 0..L-1 and L+n..; the gap is SPAN at L..L+n-1. The context is
-        encoded once (it never attends to the span, so its K/V are final); then each span token is decoded from
-        the output before it, which sees all context and the span so far.
+    def infill(self, left, right, n_tokens=None, max_tokens=8, temperature=0.0, top_p=1.0, seed=0, use_cache=True):
+        """Fill the gap between `left` and `right`, reading both (DESIGN §5). Returns the gap's text.
+        n_tokens: the gap's length in tokens; None when it is unknown: the model chooses it, 1..max_tokens (infill_ids).
         Both sides are tokenized as they are in the whole text (Tokenizer.context_ids): a space at an edge of the
-        gap belongs to the word after it, so no stray piece shifts the right context.
-        """
-        self._check_arguments(dict(left=left, right=right), dict(n_tokens=n_tokens), temperature, top_p)
+        gap belongs to the word after it, so no stray piece shifts the right context."""
+        self._check_arguments(dict(left=left, right=right), {})
         if not left.strip() and not right.strip():
             raise ValueError("infill needs some context: left and right are both empty")
-        lids, rids = self.tok.context_ids(left, right)
-        L, total = len(lids), len(lids) + n_tokens + len(rids)
-        self._check_length(total)
+        return self.tok.decode(self.infill_ids(*self.tok.context_ids(left, right), n_tokens, max_tokens,
+                                               temperature=temperature, top_p=top_p, seed=seed, use_cache=use_cache))
+
+    @torch.no_grad()
+    def infill_ids(self, left_ids, right_ids, n_tokens=None, max_tokens=8, temperature=0.0, top_p=1.0, seed=0,
+                   use_cache=True):
+        """The gap's token ids between left_ids (BOS + left) and right_ids.
+
+        Known length (n_tokens): CONTEXT = left + right at positions 0..L-1 and L+n..; the gap is SPAN at L..L+n-1.
+        The context is encoded once (it never attends to the span, so its K/V are final); then each span token is
+        decoded from the output before it, which sees all context and the span so far.
+        Unknown length (n_tokens=None): PROPOSE with the hybrid mask, CHOOSE with the causal LM. Every length
+        n = 1..max_tokens is one row of a batch: its right context sits at its own positions L+n.., so each row is
+        decoded knowing how much room it has. The proposals are then read left to right (all SPAN, the causal LM
+        MAGNET keeps), and the gap that makes left + gap + right most likely wins: argmax log p(gap, right | left).
+        """
+        counts = dict(n_tokens=n_tokens) if n_tokens is not None else dict(max_tokens=max_tokens)
+        self._check_arguments({}, counts, temperature, top_p)
+        if not left_ids:
+            raise ValueError("infill needs at least one left token (BOS) to predict the gap's first token from")
+        lengths = [n_tokens] if n_tokens is not None else list(range(1, max_tokens + 1))
+        self._check_length(len(left_ids) + max(lengths) + len(right_ids))
         gen = torch.Generator(device=self.device).manual_seed(seed)
-        dev, span = self.device, []
-        if use_cache:
-            cache = KVCache(self.model.args, 1, total, dev, self.model.output.weight.dtype)
-            pos = torch.cat([torch.arange(L), torch.arange(L + n_tokens, total)]).to(dev)
-            roles = torch.full((1, len(pos)), CONTEXT, device=dev)
-            logits = self.model(torch.tensor([lids + rids], device=dev), roles, positions=pos, cache=cache)[0, L - 1]
-            for i in range(n_tokens):
-                span.append(self._sample(logits, temperature, top_p, gen))
-                logits = self.model(torch.tensor([[span[-1]]], device=dev), torch.full((1, 1), SPAN, device=dev),
-                                    positions=torch.tensor([L + i], device=dev), cache=cache)[0, 0]
-        else:  # recompute the full row each step, with not-yet-decoded span tokens as placeholders
-            roles = torch.tensor([[CONTEXT] * L + [SPAN] * n_tokens + [CONTEXT] * len(rids)], device=dev)
-            for i in range(n_tokens):
-                row = lids + span + [self.tok.unk_id] * (n_tokens - i) + rids
-                logits = self.model(torch.tensor([row], device=dev), roles)[0, L - 1 + i]
-                span.append(self._sample(logits, temperature, top_p, gen))
-        return self.tok.decode(span)
+        decode = self._decode_gaps if use_cache else self._decode_gaps_recomputed
+        gaps = decode(list(left_ids), list(right_ids), lengths, temperature, top_p, gen)
+        if len(gaps) == 1:
+            return gaps[0]
+        scores = self.causal_logprob(left_ids, [gap + list(right_ids) for gap in gaps])
+        return gaps[int(scores.argmax())]  # ties go to the shorter gap
+
+    def _decode_gaps(self, lids, rids, lengths, temperature, top_p, gen):
+        """One gap per length in `lengths`, decoded together with a KV cache (batch row k has a gap of lengths[k])."""
+        dev, (L, R, K, n_max) = self.device, (len(lids), len(rids), len(lengths), max(lengths))
+        cache = KVCache(self.model.args, K, L + R + n_max, dev, self.model.output.weight.dtype)
+        pos = torch.stack([torch.cat([torch.arange(L), torch.arange(L + n, L + n + R)]) for n in lengths]).to(dev)
+        tokens = torch.tensor([lids + rids], device=dev).expand(K, -1)  # (K, L+R): the same context, own positions
+        logits = self.model(tokens, torch.full_like(tokens, CONTEXT), positions=pos, cache=cache)[:, L - 1]  # (K, V)
+        gaps = [[] for _ in lengths]
+        for i in range(n_max):
+            for k, n in enumerate(lengths):
+                if i < n:
+                    gaps[k].append(self._sample(logits[k], temperature, top_p, gen))
+            if i == n_max - 1:
+                break
+            # the next step: row k feeds its new span token at L+i, or a PAD once its gap is full
+            step = torch.tensor([[g[i] if i < n else self.tok.pad_id] for g, n in zip(gaps, lengths)], device=dev)
+            roles = torch.tensor([[SPAN if i < n else PAD] for n in lengths], device=dev)
+            logits = self.model(step, roles, positions=torch.full((K, 1), L + i, device=dev), cache=cache)[:, 0]
+        return gaps
+
+    def _decode_gaps_recomputed(self, lids, rids, lengths, temperature, top_p, gen):
+        """The reference _decode_gaps must equal: each step recomputes each gap's whole row, not-yet-decoded span
+        tokens as placeholders (same order of samples, so even sampled gaps match)."""
+        gaps = [[] for _ in lengths]
+        for i in range(max(lengths)):
+            for gap, n in zip(gaps, lengths):
+                if i < n:
+                    row = lids + gap + [self.tok.unk_id] * (n - i) + rids
+                    roles = [CONTEXT] * len(lids) + [SPAN] * n + [CONTEXT] * len(rids)
+                    logits = self.model(torch.tensor([row], device=self.device),
+                                        torch.tensor([roles], device=self.device))[0, len(lids) - 1 + i]
+                    gap.append(self._sample(logits, temperature, top_p, gen))
+        return gaps
+
+    @torch.no_grad()
+    def causal_logprob(self, prefix_ids, continuations):
+        """log p(continuation | prefix) read left to right (all SPAN: the plain causal LM), one per continuation:
+        a (K,) float tensor."""
+        rows = [list(prefix_ids) + list(c) for c in continuations]
+        tokens = pad_rows(rows, self.tok.pad_id).to(self.device)  # (K, T)
+        roles = pad_rows([[SPAN] * len(r) for r in rows], PAD).to(self.device)
+        at = torch.zeros_like(tokens, dtype=torch.bool)  # (K, T): the outputs that predict a continuation token
+        for k, r in enumerate(rows):
+            at[k, len(prefix_ids) - 1:len(r) - 1] = True
+        targets = tokens[:, 1:][at[:, :-1]]  # (N,): the token after each such output
+        nll = token_nll(self.model(tokens, roles, logits_at=at), targets)  # (N,)
+        row = torch.arange(len(rows), device=self.device)[:, None].expand_as(tokens)[at]  # (N,): its candidate
+        return -torch.zeros(len(rows), device=self.device).index_add_(0, row, nll.float()).cpu()
 
     def _encoder_roles(self, roles):
         """MAGNET encodes with all-CONTEXT (bidirectional) attention. attention="causal" reads text as a plain

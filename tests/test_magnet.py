@@ -43,6 +43,34 @@ def test_infill_with_cache_equals_recomputation(tiny):
             assert a == b
 
 
+def test_unknown_length_infill_with_cache_equals_recomputation(tiny):
+    for temperature in (0.0, 1.0):
+        kw = dict(max_tokens=5, temperature=temperature, seed=2)
+        a = tiny.infill("One day, Mia found a", " under the tree. The story book was red.", **kw)
+        b = tiny.infill("One day, Mia found a", " under the tree. The story book was red.", use_cache=False, **kw)
+        assert a == b
+
+
+def test_unknown_length_infill_picks_the_proposal_the_causal_lm_likes_best(tiny):
+    """n_tokens=None: the proposals are the known-length infills of 1..max_tokens tokens, and the one returned
+    maximises log p(gap + right | left) -- re-derived here in float64, one candidate at a time, full logits."""
+    lids, rids = tiny.tok.context_ids("One day, Tom found a", " near the river. The big toy drum was old.")
+    proposals = [tiny.infill_ids(lids, rids, n) for n in range(1, 6)]
+    assert [len(p) for p in proposals] == [1, 2, 3, 4, 5]
+    ref = Transformer(tiny.model.args).double().eval()
+    ref.load_state_dict(tiny.model.state_dict())
+    want = []
+    for gap in proposals:
+        row = torch.tensor([lids + gap + rids])
+        with torch.no_grad():
+            logp = torch.log_softmax(ref(row)[0].double(), -1)  # all-SPAN: the causal LM
+        want.append(sum(float(logp[t - 1, row[0, t]]) for t in range(len(lids), row.shape[1])))
+    got = tiny.causal_logprob(lids, [gap + rids for gap in proposals])
+    assert torch.allclose(got.double(), torch.tensor(want, dtype=torch.float64), atol=1e-3)
+    assert max(want) - sorted(want)[-2] > 1e-2  # a clear winner, so the argmax below is not a float tie
+    assert tiny.infill_ids(lids, rids, max_tokens=5) == proposals[int(np.argmax(want))]
+
+
 def test_infill_feeds_exactly_the_given_context(tiny, monkeypatch):
     """Every forward pass sees BOS + left + right unchanged at its CONTEXT positions; only SPAN tokens are new."""
     left, right = "Tom found a", " near the river. The ball was blue."
@@ -170,6 +198,15 @@ def test_bad_input_gets_clear_errors(tiny, tmp_path, toy):
         tiny.infill("Mia found a", "kite", 200)
     with pytest.raises(ValueError, match="both empty"):
         tiny.infill(" ", "", 2)
+    with pytest.raises(ValueError, match="both empty"):
+        tiny.infill("", "")
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match=f"max_tokens must be an int > 0, got {bad}"):
+            tiny.infill("Mia found a", " under the tree.", max_tokens=bad)
+    with pytest.raises(ValueError, match="max_seq_len is 96"):
+        tiny.infill("Mia found a", " under the tree.", max_tokens=200)
+    with pytest.raises(ValueError, match="at least one left token"):
+        tiny.infill_ids([], [5, 6], 2)
     with pytest.raises(ValueError, match="max_seq_len is 96"):
         tiny.generate("Mia", 500)
     with pytest.raises(ValueError, match="non-empty list"):
