@@ -1,4 +1,4 @@
-"""Benchmarks for MAGNET: python bench.py [--bench attention,magnet,inference,load,merge,vs_hf] [--quick] [--out FILE.json]
+"""Benchmarks for MAGNET: python bench.py [--bench attention,magnet,inference,unknown_length,load,merge,vs_hf] [--quick] [--out FILE.json]
 
 Each benchmark is one bench_* function; its docstring, printed above its table, says exactly what it measures.
 MFU = achieved FLOP/s / the best matmul FLOP/s read before and after the runs (a measured ceiling, not a datasheet
@@ -157,18 +157,37 @@ def bench_magnet(config):
                  gflop_per_token=flops / (n_a + n_bc) / 1e9, peak_mem_mib=(memory(device, True) - before) / 2**20)]
 
 
-def bench_inference(config):
-    """New tokens/s of Magnet.generate and Magnet.infill (random weights, batch 1, greedy, EOS disabled) with the KV
-    cache and without it (the whole row recomputed for every new token). A time is one whole call: tokenizing and
-    the prompt/context pass included. same_text: the cached and uncached calls returned the same text."""
+def inference_setup(config):
+    """A random Magnet (EOS disabled: a random model may pick it) and a prompt, left and right of ~context tokens."""
     c, device = config["inference"], config["device"]
     corpus, _, tok = toy_world(config)
-    tok.eos_id = -1  # a random model may pick EOS; with none, generate makes exactly the tokens asked for
+    tok.eos_id = -1  # with no EOS, generate makes exactly the tokens asked for
     torch.manual_seed(0)
     args = ModelArgs(dim=c["dim"], n_layers=c["n_layers"], n_heads=8, vocab_size=tok.vocab_size, max_seq_len=1024)
     magnet = Magnet(Transformer(args).to(device=device, dtype=getattr(torch, config["dtype"])).eval(), tok)
     ids = corpus.tokens[corpus.tokens != tok.bos_id]  # toy-world text, cut into pieces of ~context tokens
-    prompt, left, right = (tok.decode(ids[i * c["context"]:(i + 1) * c["context"]]) for i in range(3))
+    return (magnet, *(tok.decode(ids[i * c["context"]:(i + 1) * c["context"]]) for i in range(3)))
+
+
+def bench_unknown_length(config):
+    """Magnet.infill not told the gap's length (gaps of 1..max_tokens proposed in one batched, cached decode, then
+    read by the causal LM) against told it (max_tokens tokens, cached): seconds per call and their ratio."""
+    magnet, _, left, right = inference_setup(config)
+    out = []
+    for n in (4, 8, 16):
+        told = median_time(lambda: magnet.infill(left, right, n), config)
+        not_told = median_time(lambda: magnet.infill(left, right, max_tokens=n), config)
+        out.append(dict(name="infill", max_tokens=n, told_s=told, not_told_s=not_told, ratio=not_told / told))
+    return out
+
+
+def bench_inference(config):
+    """New tokens/s of Magnet.generate and Magnet.infill (random weights, batch 1, greedy, EOS disabled) with the KV
+    cache and without it (the whole row recomputed for every new token). A time is one whole call: tokenizing and
+    the prompt/context pass included. same_text: the cached and uncached calls returned the same text."""
+    c = config["inference"]
+    magnet, prompt, left, right = inference_setup(config)
+    tok = magnet.tok
     def row(task, n, context, call):  # call(use_cache) -> the new text; timed with the KV cache and without
         texts = {True: [], False: []}
         tps = {u: n / median_time(lambda: texts[u].append(call(u)), config) for u in (True, False)}
@@ -315,8 +334,8 @@ def markdown_table(rows):
 
 
 def main():
-    BENCHES = dict(attention=bench_attention, magnet=bench_magnet, inference=bench_inference, load=bench_load,
-                   merge=bench_merge, vs_hf=bench_vs_hf)
+    BENCHES = dict(attention=bench_attention, magnet=bench_magnet, inference=bench_inference,
+                   unknown_length=bench_unknown_length, load=bench_load, merge=bench_merge, vs_hf=bench_vs_hf)
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--bench", default="attention,magnet,inference,load", help="comma list of: " + ", ".join(BENCHES))
     shared = Path(__file__).resolve().parent.parent / "shared"  # merge: a real base, its text, a trained adapter

@@ -10,7 +10,8 @@ the checkpoints and the settings) and a markdown table with one column per check
 
   ppl         causal perplexity of held-out text (knowledge retention)
   infill      perplexity of an n-token gap read from both sides (hybrid mask) vs. from the left only (causal);
-              exact match on toy-world blanks that only the right context determines
+              exact match on blanks told their length (oracle) and not told it (the model chooses), length accuracy;
+              toy world: blanks of 1-4 tokens that only the right context determines; text: gaps of 1..max_gap tokens
   repetition  greedy continuations of held-out prefixes: rep-2/3/4 and rep-sen
   sts         Spearman x100 between cosine similarity of sentence vectors and gold scores (nothing trained)
   token       linear probe on frozen token features: POS / chunk / NER accuracy and entity F1 (or toy tags)
@@ -52,7 +53,8 @@ class EvalConfig:
     probe_train: int = 0  # sentences the token probe trains on (0 = the whole train split; toy world: 300)
     seed: int = 0
     max_len: int = 256  # tokens per held-out passage
-    gap: int = 8  # infill gap length in tokens
+    gap: int = 8  # infill: gap length in tokens of the gap perplexity
+    max_gap: int = 8  # infill: a text file's blanks are 1..max_gap tokens; not told, the model chooses 1..max_gap
     prefix_len: int = 32  # repetition: prompt tokens
     cont_len: int = 96  # repetition: generated tokens
     pooling: str = ""  # "" = what each model was trained with (stored with its adapter), else "last" or "mean"
@@ -179,15 +181,51 @@ def suite_infill(m, cfg):
         causal.append(causal_row(p[:s + cfg.gap], s))
     ppl = {name: float(np.exp(sum(a for a, _ in r) / sum(c for _, c in r)))
            for name, r in (("gap_ppl_hybrid", row_nll(m, hybrid)), ("gap_ppl_left_only", row_nll(m, causal)))}
-    blanks = data.toy_blanks(min(cfg.limit or 100, 100), data.EVAL_SEED + cfg.seed)
-    both = left = 0
-    for i, (lt, answer, rt) in enumerate(blanks):
-        n = len(m.tok.encode(answer))
-        fill, guess = m.infill(lt, rt, n).strip(), m.generate(lt, n).strip()
-        both, left = both + (fill == answer), left + (guess == answer)
+    return dict(ppl, **blank_metrics(m, cfg))
+
+
+BLANK_CONTEXT = 64  # tokens of context on each side of a text file's blank
+
+
+def blanks(m, cfg):
+    """(left ids, gap ids, right ids, left text or None) of up to 100 blanks. The toy world's hide an object of 1-4
+    words that only the right context names; a text file's are 1..max_gap tokens (uniform) at random places of
+    held-out passages, with up to BLANK_CONTEXT tokens of context on each side."""
+    out = []
+    if cfg.text_data == "toy":
+        for left, answer, right in data.toy_blanks(min(cfg.limit or 100, 100), data.EVAL_SEED + cfg.seed):
+            lids, rids = m.tok.context_ids(left, right)
+            out.append((lids, m.tok.encode_after(left, " " + answer), rids, left))
+        return out
+    rng = np.random.default_rng(cfg.seed + 1)  # not the gap perplexity's: its gaps stay where they were
+    for p in limited(held_out_passages(cfg, m.tok), cfg)[:100]:
+        n = int(rng.integers(1, cfg.max_gap + 1))
+        if len(p) < n + 8:
+            continue
+        s = int(rng.integers(4, len(p) - n - 3))  # some context on both sides of the gap
+        out.append((p[:1] + p[max(1, s - BLANK_CONTEXT):s], p[s:s + n], p[s + n:s + n + BLANK_CONTEXT], None))
+    return out
+
+
+def blank_metrics(m, cfg):
+    """Exact match of the gap told its length (the oracle) and not told it (Magnet.infill_ids chooses among
+    1..max_gap), how often the chosen length is exact or within 1 token; on the toy world also the causal
+    model's exact match from the left alone (told the length)."""
+    hits = dict(blank_em_hybrid=0, blank_em_unknown_length=0, blank_length_exact=0, blank_length_within_1=0)
+    items = blanks(m, cfg)
+    for i, (lids, gap, rids, left) in enumerate(tqdm(items, desc="blanks", leave=False)):
+        told, chosen = m.infill_ids(lids, rids, len(gap)), m.infill_ids(lids, rids, max_tokens=cfg.max_gap)
+        for key, hit in (("blank_em_hybrid", told == gap), ("blank_em_unknown_length", chosen == gap),
+                         ("blank_length_exact", len(chosen) == len(gap)),
+                         ("blank_length_within_1", abs(len(chosen) - len(gap)) <= 1)):
+            hits[key] += hit
+        if left is not None:  # toy world: the causal model from the left alone
+            hits["blank_em_left_only"] = hits.get("blank_em_left_only", 0) + (
+                m.generate(left, len(gap)).strip() == m.tok.decode(gap).strip())
         if i < 3:
-            print(f"  [{answer}] hybrid: {lt} [{fill}]{rt[:40]}...  left-only: [{guess}]")
-    return dict(ppl, blank_em_hybrid=both / len(blanks), blank_em_left_only=left / len(blanks))
+            print(f"  [{m.tok.decode(gap)}] told the length: [{m.tok.decode(told)}]  "
+                  f"not told: [{m.tok.decode(chosen)}]  ...{m.tok.decode(lids[-8:])} _ {m.tok.decode(rids[:8])}...")
+    return {k: v / len(items) for k, v in hits.items()}
 
 
 def suite_repetition(m, cfg):

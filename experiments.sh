@@ -47,8 +47,11 @@ elif [ "$setting" = C ]; then
              --ckpt=llm2vec="$runs/llm2vec_mntp/merged::$runs/llm2vec/adapter.pt")
     data=(--tokenizer="$base/tokenizer.json" --text_data="$shared/data/wikitext2/valid.txt"
           --sts_data="$shared/data/stsb/sts-test.csv" --token_data="$shared/data/conll2003" --seed=0 --overwrite=true)
-    python eval.py --ckpt=base="$base" "${adapted[@]}" "${data[@]}" --suite=ppl,infill,repetition --limit=60 \
+    python eval.py --ckpt=base="$base" "${adapted[@]}" "${data[@]}" --suite=ppl,repetition --limit=60 \
         --out=results/setting_c_text.json | tee results/setting_c_text.md
+    # infilling: gap perplexity, and blanks of 1-8 tokens filled told their length and not told it (60 blanks)
+    python eval.py --ckpt=base="$base" "${adapted[@]}" "${data[@]}" --suite=infill --limit=60 \
+        --out=results/setting_c_infill.json | tee results/setting_c_infill.md
     python eval.py --ckpt=base_causal="$base#attention=causal,pooling=mean" --ckpt=base_bidirectional="$base" \
         "${adapted[@]}" "${data[@]}" --suite=sts,token --limit=0 --probe_train=2000 \
         --out=results/setting_c_encode.json | tee results/setting_c_encode.md

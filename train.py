@@ -380,9 +380,11 @@ def demo(out, cfg):
     """Show the two things MAGNET adds, on held-out toy-world data (with the base + adapter: exact at any dtype)."""
     tok = data.tokenizer_beside(out / "merged")
     m = Magnet.load(cfg.init_from, tok, adapter=out / "adapter.pt") if cfg.lora else Magnet.load(out / "merged", tok)
-    left, answer, right = data.toy_blanks(1, data.EVAL_SEED + cfg.seed)[0]
+    (left, answer, right), (left2, answer2, right2) = data.toy_blanks(2, data.EVAL_SEED + cfg.seed)
     fill = m.infill(left, right, len(m.tok.encode(answer)))
     print(f"\ninfill (only the right context names the object; answer: {answer}):\n  {left} [{fill}]{right}")
+    print(f"infill, not told the length (answer: {answer2}, {len(m.tok.encode(answer2))} tokens):\n"
+          f"  {left2} [{m.infill(left2, right2)}]{right2}")
     pairs = data.toy_pairs(40, data.EVAL_SEED + cfg.seed, "test")
     query, positive = next((a, b) for a, b, s in pairs if s == 5.0)
     candidates = [positive] + [b for _, b, s in pairs if s == 0.0][:4]

@@ -6,6 +6,7 @@ import shutil
 import pytest
 import torch
 
+import data
 import eval as ev
 from model import ModelArgs, Transformer, save_checkpoint
 
@@ -39,6 +40,41 @@ def test_entity_f1_on_iob2_by_hand():
     assert ev.entity_f1(gold, pred) == pytest.approx(1 / 3)
     assert ev.entities(["I-LOC", "I-LOC", "B-LOC"]) == {("LOC", 0, 2), ("LOC", 2, 3)}
     assert ev.entity_f1(gold, gold) == 1.0
+
+
+def test_blanks_are_the_whole_texts_ids_split_in_three(toy, tmp_path):
+    """Toy blanks: left + gap + right is the whole story's ids, and the gaps are 1-4 tokens, each length present.
+    Text-file blanks: 1..max_gap tokens cut from a held-out passage, BOS kept at the left."""
+    from types import SimpleNamespace
+    m = SimpleNamespace(tok=toy[2])
+    cfg = ev.EvalConfig(limit=40)
+    toy_blanks = ev.blanks(m, cfg)
+    for (lids, gap, rids, left), (_, answer, right) in zip(toy_blanks, data.toy_blanks(40, data.EVAL_SEED)):
+        assert lids + gap + rids == toy[2].encode(left + " " + answer + right, bos=True)
+    assert {len(gap) for _, gap, _, _ in toy_blanks} == {1, 2, 3, 4}
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(data.toy_stories(60, 5)))
+    cfg = ev.EvalConfig(text_data=str(text), limit=0, max_gap=6, cache_dir=str(tmp_path))
+    passages = ev.held_out_passages(cfg, toy[2])
+    text_blanks = ev.blanks(m, cfg)
+    assert len(text_blanks) == len(passages) and {len(g) for _, g, _, _ in text_blanks} <= set(range(1, 7))
+    for (lids, gap, rids, left), p in zip(text_blanks, passages):
+        whole = lids[1:] + gap + rids
+        assert lids[0] == p[0] == toy[2].bos_id and left is None
+        assert any(p[i:i + len(whole)] == whole for i in range(len(p)))
+
+
+def test_blank_metrics_count_exact_match_and_length(toy, monkeypatch):
+    """A model that fills every told gap right, and when not told returns the gap plus one token: oracle EM 1,
+    unknown-length EM 0, length exact 0, length within one 1."""
+    from magnet import Magnet
+    m = Magnet(Transformer(ModelArgs(dim=16, n_layers=1, n_heads=2, vocab_size=toy[2].vocab_size)).eval(), toy[2])
+    truth = {(tuple(lids), tuple(rids)): gap for lids, gap, rids, _ in ev.blanks(m, ev.EvalConfig(limit=10))}
+    monkeypatch.setattr(m, "infill_ids", lambda lids, rids, n_tokens=None, max_tokens=8:
+                        truth[tuple(lids), tuple(rids)] + ([] if n_tokens else [5]))
+    got = ev.blank_metrics(m, ev.EvalConfig(limit=10))
+    assert {k: v for k, v in got.items() if k != "blank_em_left_only"} == dict(
+        blank_em_hybrid=1.0, blank_em_unknown_length=0.0, blank_length_exact=0.0, blank_length_within_1=1.0)
 
 
 @pytest.fixture(scope="module")
