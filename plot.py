@@ -36,7 +36,7 @@ def plot_losses(plt, runs, out):
 
 def plot_claims(plt, prefix, out):
     read = lambda part: json.loads(Path(f"{prefix}_{part}.json").read_text())["results"]
-    text, encode, pooling = read("text"), read("encode"), read("base_pooling")
+    text, infill, encode, pooling = read("text"), read("infill"), read("encode"), read("base_pooling")
     base_sts = max(r["sts"]["spearman"] for r in pooling.values())  # the base with the encoder that suits it best
     panels = [  # (title, {model: value}, lower is better)
         ("STS-B Spearman x100", dict(base=base_sts, llm2vec=encode["llm2vec"]["sts"]["spearman"],
@@ -44,9 +44,9 @@ def plot_claims(plt, prefix, out):
         ("CoNLL POS probe accuracy", dict(base=encode["base_causal"]["token"]["pos_acc"],
                                           llm2vec=encode["llm2vec"]["token"]["pos_acc"],
                                           magnet=encode["magnet"]["token"]["pos_acc"]), False),
-        ("gap PPL, 8 tokens", dict(base=text["base"]["infill"]["gap_ppl_left_only"],
-                                           llm2vec=text["llm2vec"]["infill"]["gap_ppl_hybrid"],
-                                           magnet=text["magnet"]["infill"]["gap_ppl_hybrid"]), True),
+        ("gap PPL, 8 tokens", dict(base=infill["base"]["infill"]["gap_ppl_left_only"],
+                                   llm2vec=infill["llm2vec"]["infill"]["gap_ppl_hybrid"],
+                                   magnet=infill["magnet"]["infill"]["gap_ppl_hybrid"]), True),
         ("rep-sen", {m: text[m]["repetition"]["rep_sen"] for m in ("base", "llm2vec", "magnet")},
          True),
         ("held-out WikiText PPL", {m: text[m]["ppl"]["ppl"] for m in ("base", "llm2vec", "magnet")}, True),
