@@ -21,7 +21,7 @@ import torch
 import data
 from attention import CONTEXT, PAD, SPAN, hybrid_mask
 from magnet import Magnet
-from eval import EvalConfig, provenance, suite_ppl
+from eval import EvalConfig, blanks, provenance, suite_ppl
 from model import (LoRALinear, ModelArgs, Transformer, apply_lora, load_adapter, load_checkpoint, merged_state_dict,
                    save_checkpoint)
 
@@ -171,14 +171,23 @@ def inference_setup(config):
 
 def bench_unknown_length(config):
     """Magnet.infill not told the gap's length (gaps of 1..max_tokens proposed in one batched, cached decode, then
-    read by the causal LM) against told it (max_tokens tokens, cached): seconds per call and their ratio."""
+    read by the causal LM) against told it (the longest length, or the true one; cached): seconds per call and the
+    ratio. Rows: a random model with ~context tokens a side; then the --real_* base + adapter on 10 of eval.py's
+    text blanks (1-8 tokens, up to 64 context tokens a side), told the true length vs choosing among 1..8."""
     magnet, _, left, right = inference_setup(config)
     out = []
     for n in (4, 8, 16):
         told = median_time(lambda: magnet.infill(left, right, n), config)
         not_told = median_time(lambda: magnet.infill(left, right, max_tokens=n), config)
-        out.append(dict(name="infill", max_tokens=n, told_s=told, not_told_s=not_told, ratio=not_told / told))
-    return out
+        out.append(dict(name=f"random, dim {config['inference']['dim']}", max_tokens=n, told_s=told,
+                        not_told_s=not_told, ratio=not_told / told))
+    c = config["real"]
+    real = Magnet.load(c["base"], c["tokenizer"], adapter=c["adapter"])
+    items = blanks(real, EvalConfig(text_data=c["text"], limit=60))[:10]
+    told = sum(median_time(lambda: real.infill_ids(lids, rids, len(gap)), config) for lids, gap, rids, _ in items)
+    not_told = sum(median_time(lambda: real.infill_ids(lids, rids, max_tokens=8), config) for lids, _, rids, _ in items)
+    return out + [dict(name=f"{Path(c['base']).name} + adapter", max_tokens=8, told_s=told / len(items),
+                       not_told_s=not_told / len(items), ratio=not_told / told)]
 
 
 def bench_inference(config):
@@ -234,7 +243,7 @@ def bench_merge(config):
     is added; held-out perplexity (eval.py's ppl suite, computed in fp32 throughout, so only the stored weights
     differ) of the bf16 base alone, the base + adapter unmerged (the model that was trained), and the export merged
     into fp32 and into bf16. update_lost = |merged - base - update| / |update| over all adapted weights."""
-    c = config["merge"]
+    c = config["real"]
     tok = data.Tokenizer(c["tokenizer"])
     model = load_checkpoint(c["base"], vocab_size=tok.vocab_size)
     model.load_state_dict({k: v.bfloat16().float() for k, v in model.state_dict().items()})
@@ -338,11 +347,11 @@ def main():
                    unknown_length=bench_unknown_length, load=bench_load, merge=bench_merge, vs_hf=bench_vs_hf)
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--bench", default="attention,magnet,inference,load", help="comma list of: " + ", ".join(BENCHES))
-    shared = Path(__file__).resolve().parent.parent / "shared"  # merge: a real base, its text, a trained adapter
-    p.add_argument("--merge_base", default=str(shared / "assets/stories260K/stories260K.bin"))
-    p.add_argument("--merge_tokenizer", default=str(shared / "assets/stories260K/tok512.model"))
-    p.add_argument("--merge_text", default=str(shared / "data/tinystories/tinystories.txt"))
-    p.add_argument("--merge_adapter", default="runs/B/magnet/adapter.pt")  # from `bash experiments.sh B`
+    shared = Path(__file__).resolve().parent.parent / "shared"  # merge, unknown_length: a real base, text, adapter
+    p.add_argument("--real_base", default=str(shared / "assets/stories260K/stories260K.bin"))
+    p.add_argument("--real_tokenizer", default=str(shared / "assets/stories260K/tok512.model"))
+    p.add_argument("--real_text", default=str(shared / "data/tinystories/tinystories.txt"))
+    p.add_argument("--real_adapter", default="runs/B/magnet/adapter.pt")  # from `bash experiments.sh B`
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     for name, default in dict(dim=512, n_layers=8, batch=8, seq=512, steps=3).items():  # steps: timed, after 1 warmup
@@ -365,8 +374,8 @@ def main():
                                      (128, 2, 16, 16, 8) if q else (256, 4, 64, 512, 512))),
                   load=dict(zip(("dim", "n_layers", "vocab_size"), (256, 2, 1000) if q else (2048, 16, 32000)),
                             n_heads=16),
-                  merge=dict(base=a.merge_base, tokenizer=a.merge_tokenizer, text=a.merge_text,
-                             adapter=a.merge_adapter, limit=100 if q else 500))
+                  real=dict(base=a.real_base, tokenizer=a.real_tokenizer, text=a.real_text,
+                            adapter=a.real_adapter, limit=100 if q else 500))
     dtype, n, mfu = getattr(torch, a.dtype), 512 if q else 2048, {"attention", "magnet", "vs_hf"} & set(benches)
     readings = [matmul_peak(dtype, a.device, n)] if mfu else []
     results = {b: BENCHES[b](config) for b in benches}
