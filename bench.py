@@ -1,4 +1,6 @@
-"""Benchmarks for MAGNET: python bench.py [--bench attention,magnet,inference,unknown_length,load,merge,vs_hf] [--quick] [--out FILE.json]
+"""Benchmarks for MAGNET: python bench.py [--bench NAME,...] [--quick] [--out FILE.json]
+
+NAME: attention, magnet, inference, unknown_length, load, merge, vs_hf.
 
 Each benchmark is one bench_* function; its docstring, printed above its table, says exactly what it measures.
 MFU = achieved FLOP/s / the best matmul FLOP/s read before and after the runs (a measured ceiling, not a datasheet
