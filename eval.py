@@ -213,6 +213,8 @@ def blank_metrics(m, cfg):
     model's exact match from the left alone (told the length)."""
     hits = dict(blank_em_hybrid=0, blank_em_unknown_length=0, blank_length_exact=0, blank_length_within_1=0)
     items = blanks(m, cfg)
+    if not items:
+        raise EvalError(f"{cfg.text_data}: no held-out passage is long enough for a blank of 1..{cfg.max_gap} tokens")
     for i, (lids, gap, rids, left) in enumerate(tqdm(items, desc="blanks", leave=False)):
         told, chosen = m.infill_ids(lids, rids, len(gap)), m.infill_ids(lids, rids, max_tokens=cfg.max_gap)
         for key, hit in (("blank_em_hybrid", told == gap), ("blank_em_unknown_length", chosen == gap),

@@ -64,7 +64,7 @@ def test_blanks_are_the_whole_texts_ids_split_in_three(toy, tmp_path):
         assert any(p[i:i + len(whole)] == whole for i in range(len(p)))
 
 
-def test_blank_metrics_count_exact_match_and_length(toy, monkeypatch):
+def test_blank_metrics_count_exact_match_and_length(toy, monkeypatch, tmp_path):
     """A model that fills every told gap right, and when not told returns the gap plus one token: oracle EM 1,
     unknown-length EM 0, length exact 0, length within one 1."""
     from magnet import Magnet
@@ -75,6 +75,10 @@ def test_blank_metrics_count_exact_match_and_length(toy, monkeypatch):
     got = ev.blank_metrics(m, ev.EvalConfig(limit=10))
     assert {k: v for k, v in got.items() if k != "blank_em_left_only"} == dict(
         blank_em_hybrid=1.0, blank_em_unknown_length=0.0, blank_length_exact=0.0, blank_length_within_1=1.0)
+    short = tmp_path / "short.txt"  # 40 paragraphs of a few tokens: the held-out 2 have no room for a blank
+    short.write_text("\n\n".join(["A kite.", "A ball."] * 20))
+    with pytest.raises(ev.EvalError, match="no held-out passage is long enough"):
+        ev.blank_metrics(m, ev.EvalConfig(text_data=str(short), cache_dir=str(tmp_path)))
 
 
 @pytest.fixture(scope="module")
