@@ -40,6 +40,7 @@ elif [ "$setting" = C ]; then
     train "${common[@]}" --init_from="$runs/llm2vec_mntp/merged" --w_mntp=0.0 --w_msg=0.0 --pooling=mean \
         --out_dir="$runs/llm2vec"
     train "${common[@]}" --p_causal=0.0 --out_dir="$runs/magnet_paper"
+    train "${common[@]}" --w_msg=0.0 --out_dir="$runs/no_msg"  # the one ablation run so far
     # evaluation: generation-side suites on held-out WikiText; encoders on the full STS-B test and CoNLL-2003 (probe
     # trained on 2000 train sentences, early-stopped on the full dev split, tested on the full test split). The base
     # is read causally (its training) and bidirectionally (MAGNET's way); its four encoder settings on STS-B alone
@@ -59,6 +60,11 @@ elif [ "$setting" = C ]; then
         --ckpt=causal_last="$base#attention=causal,pooling=last" --ckpt=causal_mean="$base#attention=causal,pooling=mean" \
         --ckpt=bidirectional_last="$base#pooling=last" --ckpt=bidirectional_mean="$base#pooling=mean" \
         | tee results/setting_c_base_pooling.md
+    no_msg=(--ckpt=no_msg="$base::$runs/no_msg/adapter.pt")
+    python eval.py "${no_msg[@]}" "${data[@]}" --suite=sts --limit=0 --out=results/setting_c_no_msg_sts.json \
+        | tee results/setting_c_no_msg_sts.md
+    python eval.py "${no_msg[@]}" "${data[@]}" --suite=ppl,infill --limit=60 --out=results/setting_c_no_msg_text.json \
+        | tee results/setting_c_no_msg_text.md
     echo "setting C: $(( $(date +%s) - start )) s wall time on $(nproc) CPU cores" | tee -a results/setting_c_text.md
     exit
 else
