@@ -47,13 +47,15 @@ def plan_attention(q_roles, q_pos, k_roles, k_pos, cached):
 
     The fused kernel is fastest with no mask, so the two common pure cases are recognised from the roles:
     every key and query CONTEXT -> full attention (mask=None); no cache and every role SPAN -> is_causal=True.
-    (With a cache SDPA's is_causal would align the triangle wrongly, so cached steps always build the mask.)
+    (With a cache SDPA's is_causal would align the triangle wrongly, so cached steps build the mask.) A mask that
+    allows every key is dropped: one-token decode steps of generate and of a told-length infill need none.
     """
     if bool((k_roles == CONTEXT).all()):
         return None, False
     if not cached and bool((q_roles == SPAN).all()):
         return None, True
-    return hybrid_mask(q_roles, q_pos, k_roles, k_pos), False
+    mask = hybrid_mask(q_roles, q_pos, k_roles, k_pos)
+    return (None if bool(mask.all()) else mask), False
 
 
 def attend(q, k, v, mask, is_causal, backend="sdpa", dropout=0.0):
@@ -79,4 +81,4 @@ def attend(q, k, v, mask, is_causal, backend="sdpa", dropout=0.0):
     probs = F.softmax(scores, dim=-1)
     if dropout:
         probs = F.dropout(probs, dropout)
-    return probs.to(q.dtype) @ v  # (B, H, T, hd)  # (B, H, T, hd)
+    return probs.to(q.dtype) @ v  # (B, H, T, hd)

@@ -83,23 +83,21 @@ class RMSNorm(nn.Module):
 
 
 def rope_angles(positions, head_dim, theta):
-    """cos and sin of the rotary angles pos * theta^(-2i/hd), i < hd/2, in fp32: each (B, T, hd/2).
+    """The rotary factors e^(i pos theta^(-2i/hd)), i < hd/2, as fp32 complex numbers: (B, T, 1, hd/2).
 
     Computed from explicit positions on every call (no buffer): positions need not be contiguous (infilling encodes
     context at 0..L-1 and L+n.., then decodes the gap), and a model cast to bf16 keeps fp32 angles.
     """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
     angles = positions.float()[..., None] * inv_freq  # (B, T, hd/2)
-    return angles.cos(), angles.sin()
+    return torch.complex(angles.cos(), angles.sin())[:, :, None, :]  # (B, T, 1, hd/2), broadcast over heads
 
 
-def apply_rope(x, cos, sin):
-    """Rotate interleaved pairs (x0, x1), (x2, x3), ... of each head (Meta's layout). x: (B, T, H, hd)."""
-    pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, H, hd/2, 2)
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # (B, T, 1, hd/2)
-    rotated = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)  # (B, T, H, hd/2, 2)
-    return rotated.flatten(-2).type_as(x)  # (B, T, H, hd)
+def apply_rope(x, rope):
+    """Rotate interleaved pairs (x0, x1), (x2, x3), ... of each head (Meta's layout) by multiplying each pair, read
+    as the complex number x0 + i x1, by its rotary factor, as Meta's reference does. x: (B, T, H, hd)."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, T, H, hd/2) complex
+    return torch.view_as_real(pairs * rope).flatten(-2).type_as(x)  # (B, T, H, hd)
 
 
 class Attention(nn.Module):
@@ -113,8 +111,8 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, mask, is_causal, backend, attn_dropout=0.0, cache=None, layer_id=0):
         B, T, _ = x.shape
-        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), *rope)  # (B, T, H, hd)
-        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), *rope)  # (B, T, Hkv, hd)
+        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), rope)  # (B, T, H, hd)
+        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), rope)  # (B, T, Hkv, hd)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, hd)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or Hkv, T, hd)
         if cache is not None:

@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from attention import CONTEXT, PAD, SPAN, hybrid_mask
+from attention import CONTEXT, PAD, SPAN, hybrid_mask, plan_attention
 from model import ModelArgs, Transformer
 
 ARGS = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=61, multiple_of=8, max_seq_len=64)
@@ -56,6 +56,17 @@ def test_pure_rows_are_causal_and_bidirectional():
     span, ctx = torch.full((1, 7), SPAN), torch.full((1, 7), CONTEXT)
     assert torch.equal(hybrid_mask(span, pos, span, pos)[0, 0], torch.ones(7, 7, dtype=torch.bool).tril())
     assert hybrid_mask(ctx, pos, ctx, pos).all()
+
+
+def test_cached_step_drops_a_mask_that_allows_everything():
+    """A one-token decode step that may see every key passes no mask; one with a PAD key keeps it."""
+    q_roles, q_pos = torch.tensor([[SPAN]]), torch.tensor([[3]])
+    keys = torch.tensor([[CONTEXT] * 5 + [SPAN]])  # cached context left and right of the gap, then the new token
+    key_pos = torch.tensor([[0, 1, 2, 4, 5, 3]])
+    assert plan_attention(q_roles, q_pos, keys, key_pos, cached=True) == (None, False)
+    keys[0, 4] = PAD
+    mask, is_causal = plan_attention(q_roles, q_pos, keys, key_pos, cached=True)
+    assert not is_causal and mask[0, 0, 0].tolist() == [True] * 4 + [False, True]
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "math"])
