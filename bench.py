@@ -132,7 +132,8 @@ def bench_magnet(config):
     """One full MAGNET training step, Magnet.losses on one data.magnet_batch of the toy world (made once, untimed;
     view A rows of seq tokens, SSCL positives = paraphrase pairs) with a Llama-2-size vocabulary (32000): view A
     forward (MNTP+MSG, logits at target positions only), views B/C forward (SSCL), backward, AdamW on the LoRA (r=16)
-    parameters. Tokens = non-PAD tokens of views A, B and C."""
+    parameters. Tokens = non-PAD tokens of views A, B and C. With --dtype=bfloat16 the base is bf16 and the adapters
+    fp32 under autocast, as train.py trains them; --checkpoint_activations recomputes each block in backward."""
     if not config.get("child"):
         return isolated(bench_magnet, config)
     device, dtype = config["device"], getattr(torch, config["dtype"])
@@ -140,15 +141,19 @@ def bench_magnet(config):
     torch.manual_seed(0)
     cfg = data.BatchConfig(batch_size=config["batch"], seq_len=config["seq"] - 1)  # view A: BOS + seq_len tokens
     batch = data.magnet_batch(corpus, cfg, np.random.default_rng(0), pairs)
-    args = ModelArgs(dim=config["dim"], n_layers=config["n_layers"], n_heads=8, vocab_size=32000,  # Llama-2's
-                     max_seq_len=config["seq"])
-    model = apply_lora(Transformer(args).to(device=device, dtype=dtype), rank=16)  # LoRA in --dtype too
+    args = ModelArgs(dim=config["dim"], n_layers=config["n_layers"], n_heads=config["heads"], vocab_size=32000,
+                     max_seq_len=config["seq"])  # Llama-2's vocabulary
+    with torch.device(device):  # initialised where it runs (a 7B-shape model on the GPU)
+        model = apply_lora(Transformer(args).to(dtype), rank=16, dtype=torch.float32)
+    model.checkpoint_activations = config["checkpoint_activations"]
     magnet = Magnet(model.train(), SimpleNamespace(vocab_size=32000, path="(toy ids in a 32000 vocabulary)"))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     before = memory(device)
     def step():
         opt.zero_grad(set_to_none=True)
-        magnet.losses(batch)["total"].backward()
+        with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=dtype == torch.bfloat16):
+            loss = magnet.losses(batch)["total"]
+        loss.backward()
         opt.step()
     # FLOPs: view A with logits at its target positions, views B/C without the output projection
     n_a, n_bc = int((batch["roles"] != PAD).sum()), int((batch["sscl_roles"] != PAD).sum())
@@ -356,8 +361,9 @@ def main():
     p.add_argument("--real_adapter", default="runs/B/magnet/adapter.pt")  # from `bash experiments.sh B`
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    for name, default in dict(dim=512, n_layers=8, batch=8, seq=512, steps=3).items():  # steps: timed, after 1 warmup
-        p.add_argument(f"--{name}", type=int, default=default)
+    for name, default in dict(dim=512, n_layers=8, heads=8, batch=8, seq=512, steps=3).items():  # steps: timed
+        p.add_argument(f"--{name}", type=int, default=default)  # (after 1 warmup); heads: --bench=magnet's
+    p.add_argument("--checkpoint_activations", action="store_true", help="--bench=magnet: recompute in backward")
     p.add_argument("--backends", default="sdpa,math")
     p.add_argument("--quick", action="store_true", help="tiny sizes everywhere, 1 timed run")
     p.add_argument("--out", help="also write the results as JSON to this file")
@@ -370,8 +376,8 @@ def main():
         p.error(f"--bench: unknown {sorted(set(benches) - set(BENCHES))}; choose from {', '.join(BENCHES)}")
     if q:
         a.dim, a.n_layers, a.batch, a.seq, a.steps = 128, 2, 2, 128, 1
-    config = dict(device=a.device, dtype=a.dtype, dim=a.dim, n_layers=a.n_layers, batch=a.batch, seq=a.seq,
-                  steps=a.steps, backends=a.backends, rounds=1 if q else 3, stories=200 if q else 2000, toy_vocab=256,
+    config = dict(device=a.device, dtype=a.dtype, dim=a.dim, n_layers=a.n_layers, heads=a.heads, batch=a.batch,
+                  seq=a.seq, steps=a.steps, checkpoint_activations=a.checkpoint_activations, backends=a.backends, rounds=1 if q else 3, stories=200 if q else 2000, toy_vocab=256,
                   inference=dict(zip(("dim", "n_layers", "context", "new", "gap"),  # context: prompt/left/right
                                      (128, 2, 16, 16, 8) if q else (256, 4, 64, 512, 512))),
                   load=dict(zip(("dim", "n_layers", "vocab_size"), (256, 2, 1000) if q else (2048, 16, 32000)),

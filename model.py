@@ -254,13 +254,14 @@ class LoRALinear(nn.Module):
     `lora_A` (r, in), Kaiming-uniform, and `lora_B` (out, r), zero, so at step 0 the model equals its base.
     """
 
-    def __init__(self, weight: nn.Parameter, rank, alpha, dropout):
+    def __init__(self, weight: nn.Parameter, rank, alpha, dropout, dtype=None):
         super().__init__()
         out_features, in_features = weight.shape
         self.weight = weight
         self.scaling = alpha / rank
-        self.lora_A = nn.Parameter(torch.empty(rank, in_features, device=weight.device, dtype=weight.dtype))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, device=weight.device, dtype=weight.dtype))
+        dtype = dtype or weight.dtype
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features, device=weight.device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, device=weight.device, dtype=dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout)
         self.merged = False
@@ -288,8 +289,9 @@ class LoRALinear(nn.Module):
             self.merged = False
 
 
-def apply_lora(model: Transformer, rank=16, alpha=32, dropout=0.05, targets=LORA_TARGETS):
-    """Wrap the target linears of every block in LoRALinear and freeze everything except the LoRA matrices."""
+def apply_lora(model: Transformer, rank=16, alpha=32, dropout=0.05, targets=LORA_TARGETS, dtype=None):
+    """Wrap the target linears of every block in LoRALinear and freeze everything except the LoRA matrices.
+    dtype: the adapters' (None = the base weights'); training keeps them fp32 over a bf16 base, computing in bf16."""
     unknown = set(targets) - set(LORA_TARGETS)
     if unknown or rank <= 0:
         raise ValueError(f"LoRA rank must be > 0 (got {rank}) and targets among {LORA_TARGETS} (got {sorted(unknown)})")
@@ -297,7 +299,7 @@ def apply_lora(model: Transformer, rank=16, alpha=32, dropout=0.05, targets=LORA
         for parent in (block.attention, block.feed_forward):
             for name in targets:
                 if hasattr(parent, name):
-                    setattr(parent, name, LoRALinear(getattr(parent, name).weight, rank, alpha, dropout))
+                    setattr(parent, name, LoRALinear(getattr(parent, name).weight, rank, alpha, dropout, dtype))
     for name, p in model.named_parameters():
         p.requires_grad = "lora_" in name
     model.lora_config = dict(rank=rank, alpha=alpha, dropout=dropout, targets=list(targets))

@@ -209,11 +209,8 @@ def base_dtype(cfg):
     return torch.bfloat16 if cfg.lora and torch.cuda.is_available() and cfg.device != "cpu" else torch.float32
 
 
-def add_lora(model, cfg):
-    apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
-    for m in model.modules():  # adapters train in fp32 even when the base is bf16
-        if hasattr(m, "lora_A"):
-            m.lora_A.data, m.lora_B.data = m.lora_A.data.float(), m.lora_B.data.float()
+def add_lora(model, cfg):  # adapters train in fp32 even when the base is bf16
+    apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, dtype=torch.float32)
 
 
 def build_model(cfg, tok):
