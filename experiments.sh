@@ -50,7 +50,7 @@ elif [ "$setting" = C ]; then
           --sts_data="$shared/data/stsb/sts-test.csv" --token_data="$shared/data/conll2003" --seed=0 --overwrite=true)
     python eval.py --ckpt=base="$base" "${adapted[@]}" "${data[@]}" --suite=ppl,repetition --limit=60 \
         --out=results/setting_c_text.json | tee results/setting_c_text.md
-    # infilling: gap perplexity, and blanks of 1-8 tokens filled told their length and not told it (60 blanks)
+    # infilling: gap perplexity, and blanks of 1-8 tokens filled told their length and not told it (up to 60; 33 on WikiText-2)
     python eval.py --ckpt=base="$base" "${adapted[@]}" "${data[@]}" --suite=infill --limit=60 \
         --out=results/setting_c_infill.json | tee results/setting_c_infill.md
     python eval.py --ckpt=base_causal="$base#attention=causal,pooling=mean" --ckpt=base_bidirectional="$base" \
