@@ -265,7 +265,7 @@ def bench_merge(config):
         lost = [(merged.get_submodule(n).weight - m.weight - m.delta()).norm() ** 2 / m.delta().norm() ** 2
                 for n, m in model.named_modules() if isinstance(m, LoRALinear)]
         rows.append(dict(name=f"merged into {str(dtype)[6:]}", ppl=ppl(merged),
-                         update_lost=float(torch.stack(lost).mean().sqrt())))
+                         update_lost=float(torch.stack(lost).mean().sqrt().detach())))
     return rows
 
 
