@@ -40,7 +40,9 @@ elif [ "$setting" = C ]; then
     train "${common[@]}" --init_from="$runs/llm2vec_mntp/merged" --w_mntp=0.0 --w_msg=0.0 --pooling=mean \
         --out_dir="$runs/llm2vec"
     train "${common[@]}" --p_causal=0.0 --out_dir="$runs/magnet_paper"
-    train "${common[@]}" --w_msg=0.0 --out_dir="$runs/no_msg"  # the one ablation run so far
+    for loss in msg sscl mntp; do  # ablations: one loss weight 0, everything else as magnet
+        train "${common[@]}" --w_$loss=0.0 --out_dir="$runs/no_$loss"
+    done
     # evaluation: generation-side suites on held-out WikiText; encoders on the full STS-B test and CoNLL-2003 (probe
     # trained on 2000 train sentences, early-stopped on the full dev split, tested on the full test split). The base
     # is read causally (its training) and bidirectionally (MAGNET's way); its four encoder settings on STS-B alone
@@ -60,11 +62,14 @@ elif [ "$setting" = C ]; then
         --ckpt=causal_last="$base#attention=causal,pooling=last" --ckpt=causal_mean="$base#attention=causal,pooling=mean" \
         --ckpt=bidirectional_last="$base#pooling=last" --ckpt=bidirectional_mean="$base#pooling=mean" \
         | tee results/setting_c_base_pooling.md
-    no_msg=(--ckpt=no_msg="$base::$runs/no_msg/adapter.pt")
-    python eval.py "${no_msg[@]}" "${data[@]}" --suite=sts --limit=0 --out=results/setting_c_no_msg_sts.json \
-        | tee results/setting_c_no_msg_sts.md
-    python eval.py "${no_msg[@]}" "${data[@]}" --suite=ppl,infill --limit=60 --out=results/setting_c_no_msg_text.json \
-        | tee results/setting_c_no_msg_text.md
+    ablations=()
+    for run in no_msg no_sscl no_mntp; do ablations+=(--ckpt="$run=$base::$runs/$run/adapter.pt"); done
+    python eval.py "${ablations[@]}" "${data[@]}" --suite=ppl,repetition --limit=60 \
+        --out=results/setting_c_ablations_text.json | tee results/setting_c_ablations_text.md
+    python eval.py "${ablations[@]}" "${data[@]}" --suite=infill --limit=60 \
+        --out=results/setting_c_ablations_infill.json | tee results/setting_c_ablations_infill.md
+    python eval.py "${ablations[@]}" "${data[@]}" --suite=sts,token --limit=0 --probe_train=2000 \
+        --out=results/setting_c_ablations_encode.json | tee results/setting_c_ablations_encode.md
     echo "setting C: $(( $(date +%s) - start )) s wall time on $(nproc) CPU cores" | tee -a results/setting_c_text.md
     exit
 else
