@@ -361,8 +361,9 @@ def main():
     p.add_argument("--real_adapter", default="runs/B/magnet/adapter.pt")  # from `bash experiments.sh B`
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    for name, default in dict(dim=512, n_layers=8, heads=8, batch=8, seq=512, steps=3).items():  # steps: timed
-        p.add_argument(f"--{name}", type=int, default=default)  # (after 1 warmup); heads: --bench=magnet's
+    # model size (heads: --bench=magnet's), batch, and the timed runs after 1 warmup
+    for name, default in dict(dim=512, n_layers=8, heads=8, batch=8, seq=512, steps=3).items():
+        p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--checkpoint_activations", action="store_true", help="--bench=magnet: recompute in backward")
     p.add_argument("--backends", default="sdpa,math")
     p.add_argument("--quick", action="store_true", help="tiny sizes everywhere, 1 timed run")
@@ -377,7 +378,8 @@ def main():
     if q:
         a.dim, a.n_layers, a.batch, a.seq, a.steps = 128, 2, 2, 128, 1
     config = dict(device=a.device, dtype=a.dtype, dim=a.dim, n_layers=a.n_layers, heads=a.heads, batch=a.batch,
-                  seq=a.seq, steps=a.steps, checkpoint_activations=a.checkpoint_activations, backends=a.backends, rounds=1 if q else 3, stories=200 if q else 2000, toy_vocab=256,
+                  seq=a.seq, steps=a.steps, checkpoint_activations=a.checkpoint_activations, backends=a.backends,
+                  rounds=1 if q else 3, stories=200 if q else 2000, toy_vocab=256,
                   inference=dict(zip(("dim", "n_layers", "context", "new", "gap"),  # context: prompt/left/right
                                      (128, 2, 16, 16, 8) if q else (256, 4, 64, 512, 512))),
                   load=dict(zip(("dim", "n_layers", "vocab_size"), (256, 2, 1000) if q else (2048, 16, 32000)),
