@@ -48,12 +48,17 @@ def plan_attention(q_roles, q_pos, k_roles, k_pos, cached):
     The fused kernel is fastest with no mask, so the two common pure cases are recognised from the roles:
     every key and query CONTEXT -> full attention (mask=None); no cache and every role SPAN -> is_causal=True.
     (With a cache SDPA's is_causal would align the triangle wrongly, so cached steps build the mask.) A mask that
-    allows every key is dropped: one-token decode steps of generate and of a told-length infill need none.
+    allows every key is dropped: one-token decode steps of generate and of a told-length infill need none, and
+    are recognised before any mask is built (a SPAN query sees every key unless a key is PAD or a later SPAN).
     """
     if bool((k_roles == CONTEXT).all()):
         return None, False
     if not cached and bool((q_roles == SPAN).all()):
         return None, True
+    if q_roles.shape[1] == 1 and bool((q_roles == SPAN).all()):  # one decode step (B, 1) against (B, S) keys
+        hidden = (k_roles == PAD) | ((k_roles == SPAN) & (k_pos > q_pos))  # (B, S): what hybrid_mask would forbid
+        if not bool(hidden.any()):
+            return None, False
     mask = hybrid_mask(q_roles, q_pos, k_roles, k_pos)
     return (None if bool(mask.all()) else mask), False
 

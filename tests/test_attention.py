@@ -67,6 +67,16 @@ def test_cached_step_drops_a_mask_that_allows_everything():
     keys[0, 4] = PAD
     mask, is_causal = plan_attention(q_roles, q_pos, keys, key_pos, cached=True)
     assert not is_causal and mask[0, 0, 0].tolist() == [True] * 4 + [False, True]
+    gen = torch.Generator().manual_seed(0)  # random one-token steps: no mask exactly when hybrid_mask allows all
+    for _ in range(300):
+        B, S = int(torch.randint(1, 3, (), generator=gen)), int(torch.randint(1, 6, (), generator=gen))
+        q_roles, q_pos = torch.randint(0, 3, (B, 1), generator=gen), torch.randint(0, 6, (B, 1), generator=gen)
+        keys, key_pos = torch.randint(0, 3, (B, S), generator=gen), torch.randint(0, 6, (B, S), generator=gen)
+        keys[:, -1], key_pos[:, -1] = q_roles[:, 0], q_pos[:, 0]  # the step's own token is the last key
+        mask, _ = plan_attention(q_roles, q_pos, keys, key_pos, cached=True)
+        full = hybrid_mask(q_roles, q_pos, keys, key_pos)
+        assert (mask is None) == bool(full.all() or (keys == CONTEXT).all()), (q_roles, q_pos, keys, key_pos)
+        assert mask is None or torch.equal(mask, full)
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "math"])
