@@ -50,15 +50,15 @@ def matmul_peak(dtype, device, n=2048, warmup=3, reps=10):
     return 2 * n ** 3 / min(times[warmup:])
 
 
-def hybrid_roles(batch, seq, generator=None):
+def hybrid_roles(batch, seq):
     """(batch, seq) roles like MAGNET's view A: CONTEXT, plus 1-3 SPAN runs of 8-32 tokens per row. The row is cut
     into k equal segments and one run placed at random inside each, so runs never overlap."""
     roles = torch.full((batch, seq), CONTEXT, dtype=torch.long)
     for row in roles:
-        k = int(torch.randint(1, 4, (), generator=generator))
+        k = int(torch.randint(1, 4, ()))
         for i in range(k):  # segment i of length seq // k
-            length = min(int(torch.randint(8, 33, (), generator=generator)), seq // k)
-            start = i * (seq // k) + int(torch.randint(0, seq // k - length + 1, (), generator=generator))
+            length = min(int(torch.randint(8, 33, ())), seq // k)
+            start = i * (seq // k) + int(torch.randint(0, seq // k - length + 1, ()))
             row[start:start + length] = SPAN
     return roles
 
@@ -203,16 +203,15 @@ def bench_inference(config):
     the prompt/context pass included. same_text: the cached and uncached calls returned the same text."""
     c = config["inference"]
     magnet, prompt, left, right = inference_setup(config)
-    tok = magnet.tok
     def row(task, n, context, call):  # call(use_cache) -> the new text; timed with the KV cache and without
         texts = {True: [], False: []}
         tps = {u: n / median_time(lambda: texts[u].append(call(u)), config) for u in (True, False)}
         return dict(name=task, context_tokens=len(context), new_tokens=n, cached_tokens_per_s=tps[True],
                     uncached_tokens_per_s=tps[False], speedup=tps[True] / tps[False],
                     same_text=texts[True][-1] == texts[False][-1])
-    return [row("generate", c["new"], tok.encode(prompt, bos=True),
+    return [row("generate", c["new"], magnet.tok.encode(prompt, bos=True),
                 lambda u: magnet.generate(prompt, c["new"], use_cache=u)),
-            row("infill", c["gap"], sum(tok.context_ids(left, right), []),
+            row("infill", c["gap"], sum(magnet.tok.context_ids(left, right), []),
                 lambda u: magnet.infill(left, right, c["gap"], use_cache=u))]
 
 

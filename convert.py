@@ -4,10 +4,8 @@
     python convert.py /path/to/Llama-2-7b-hf out/llama-2-7b           # HF: its q/k rotary permutation undone
 
 OUT_DIR gets params.json, consolidated.00.pth and the tokenizer (tokenizer.model, or tokenizer.json + its
-tokenizer_config.json). Tensors are read one at a time (memory-mapped) into the output state dict, in the target
-dtype, so peak memory is about one copy of the model. Everything is written into a temporary directory that is
-renamed at the end: a failure leaves nothing half-written. The optional packages gguf, safetensors and tokenizers
-are imported only when an input needs them.
+tokenizer_config.json). Tensors are read one at a time (memory-mapped), in the target dtype: peak memory is about one
+copy of the model. A failure leaves nothing half-written. The optional packages are imported only when needed.
 """
 import argparse
 import importlib
@@ -54,10 +52,9 @@ def meta_name(name, top, block, prefix):
 
 
 def ffn_params(dim, hidden, source):
-    """multiple_of (and ffn_dim_multiplier if needed) for which ModelArgs.hidden_dim is the file's FFN width: Meta's
-    rule rounds int(8 dim / 3) (times the multiplier) up to multiple_of. SmolLM2: 1536 = int(8 * 576 / 3), any
-    multiple_of; otherwise multiple_of=1 and the multiplier is hidden / int(8 dim / 3), nudged up until int() lands
-    on `hidden` (floating point may leave it one short)."""
+    """multiple_of (and ffn_dim_multiplier if needed) for which ModelArgs.hidden_dim is the file's FFN width. SmolLM2:
+    1536 = int(8 * 576 / 3), any multiple_of; otherwise multiple_of=1 and the multiplier is hidden / int(8 dim / 3),
+    nudged up until int() lands on `hidden` (floating point may leave it one short)."""
     ffn = next((dict(multiple_of=m) for m in (256, 128, 64, 32, 16, 8, 4, 2, 1)
                 if ModelArgs(dim=dim, multiple_of=m).hidden_dim == hidden), None)
     mult = hidden / int(8 * dim / 3)
@@ -77,9 +74,8 @@ def ffn_params(dim, hidden, source):
 def read_gguf(path: Path, dtype, own_tokenizer):
     gguf = need("gguf")
     with path.open("rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise CheckpointError(f"{path}: not a GGUF file (it does not start with 'GGUF')")
+        if f.read(4) != b"GGUF":
+            raise CheckpointError(f"{path}: not a GGUF file (it does not start with 'GGUF')")
     try:
         reader = gguf.GGUFReader(path)  # memory-mapped: tensor data is read when used
     except Exception as e:
@@ -112,10 +108,10 @@ def read_gguf(path: Path, dtype, own_tokenizer):
                   **ffn_params(dim, meta["llama.feed_forward_length"], path),
                   norm_eps=float(f"{meta['llama.attention.layer_norm_rms_epsilon']:.7g}"),  # float32 in the file
                   rope_theta=float(f"{meta.get('llama.rope.freq_base', 10000.0):.7g}"))
-    return params, state, lambda out: gguf_tokenizer(path, reader, meta, out)
+    return params, state, lambda out: gguf_tokenizer(reader, meta, out)
 
 
-def gguf_tokenizer(path, reader, meta, out: Path):
+def gguf_tokenizer(reader, meta, out: Path):
     """tokenizer.json + tokenizer_config.json rebuilt from a byte-level BPE GGUF: tokens (id = position), merges,
     control tokens (type 3) as special tokens, BOS added only if add_bos_token. The pre-tokenizer "smollm" (like
     "starcoder") is llama.cpp's split at every digit, then GPT-2's regex: SmolLM2's own Digits + ByteLevel."""
@@ -126,12 +122,16 @@ def gguf_tokenizer(path, reader, meta, out: Path):
     digits = [tk.pre_tokenizers.Digits(individual_digits=True)] if pre != "gpt-2" else []
     tok.pre_tokenizer = tk.pre_tokenizers.Sequence(digits + [tk.pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = tk.decoders.ByteLevel()
-    role = {f"{r}_token": tokens[meta[f"tokenizer.ggml.{k}_token_id"]] for r, k in
-            (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding")) if f"tokenizer.ggml.{k}_token_id" in meta}
+    ids = {f"{r}_token": meta.get(f"tokenizer.ggml.{k}_token_id") for r, k in
+           (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding"))}
+    role = {r: tokens[i] for r, i in ids.items() if i is not None}
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
-    bos = role.get("bos_token")
-    tok.post_processor = tk.processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tokens.index(bos))]) \
-        if add_bos else tk.processors.ByteLevel(trim_offsets=False)
+    if add_bos:
+        bos = role.get("bos_token")
+        tok.post_processor = tk.processors.TemplateProcessing(single=f"{bos} $A",
+                                                              special_tokens=[(bos, tokens.index(bos))])
+    else:
+        tok.post_processor = tk.processors.ByteLevel(trim_offsets=False)
     tok.add_special_tokens([tk.AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == 3])
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps(dict(role, add_bos_token=add_bos), indent=2) + "\n")
@@ -149,8 +149,8 @@ def unpermute(w, n_heads):
 
 def hf_tensors(directory: Path):
     """(file, name, tensor), one tensor at a time, from every weight file (all shards present)."""
-    for index, pattern in (("model.safetensors.index.json", "*.safetensors"), ("pytorch_model.bin.index.json",
-                                                                             "pytorch_model*.bin")):
+    for index, pattern in (("model.safetensors.index.json", "*.safetensors"),
+                           ("pytorch_model.bin.index.json", "pytorch_model*.bin")):
         files = sorted(directory.glob(pattern))
         if (directory / index).is_file():
             files = sorted({directory / f for f in json.loads((directory / index).read_text())["weight_map"].values()})
@@ -203,7 +203,8 @@ def read_hf(directory: Path, dtype, own_tokenizer):
         state.pop("output.weight", None)  # some tied checkpoints also store the embedding as lm_head
     params = dict(dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=heads, n_kv_heads=kv_heads,
                   vocab_size=c["vocab_size"], **ffn_params(c["hidden_size"], c["intermediate_size"], path),
-                  norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=c.get("rope_theta") or rope.get("rope_theta", 10000.0))
+                  norm_eps=c.get("rms_norm_eps", 1e-6),
+                  rope_theta=c.get("rope_theta") or rope.get("rope_theta", 10000.0))
     return params, state, lambda out: copy_tokenizer(found, out)
 
 

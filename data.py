@@ -171,8 +171,16 @@ class TextCorpus:
             key.update(p.read_bytes())
         stem = Path(cache_dir or paths[0].parent) / f"{paths[0].name}.{key.hexdigest()[:16]}"
         tokens_file, starts_file = Path(f"{stem}.tokens.npy"), Path(f"{stem}.starts.npy")
-        if not (tokens_file.exists() and starts_file.exists()):
-            self._tokenize(paths, tokenizer, tokens_file, starts_file)
+        if not (tokens_file.exists() and starts_file.exists()):  # tokenize once
+            dtype = np.uint16 if tokenizer.vocab_size < 2 ** 16 else np.uint32
+            pieces = [np.array(tokenizer.encode(para, bos=True), dtype) for p in paths for para in read_paragraphs(p)]
+            starts = np.cumsum([0] + [len(x) for x in pieces[:-1]]) if pieces else np.zeros(0, np.int64)
+            tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype)
+            for array, path in ((tokens, tokens_file), (starts, starts_file)):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npy")  # atomic: never a half-written cache
+                np.save(tmp, array)
+                tmp.replace(path)
         self.tokens = np.load(tokens_file, mmap_mode="r")  # a 500 MB corpus is not read into memory
         starts = np.load(starts_file)
         if len(starts) == 0:
@@ -184,18 +192,6 @@ class TextCorpus:
         if len(self.starts) == 0:
             raise ValueError(f"{paths[0]}: the {split!r} split is empty ({len(starts)} paragraphs in all)")
         self.tokenizer = tokenizer
-
-    @staticmethod
-    def _tokenize(paths, tokenizer, tokens_file, starts_file):
-        dtype = np.uint16 if tokenizer.vocab_size < 2 ** 16 else np.uint32
-        pieces = [np.array(tokenizer.encode(para, bos=True), dtype) for p in paths for para in read_paragraphs(p)]
-        starts = np.cumsum([0] + [len(x) for x in pieces[:-1]]) if pieces else np.zeros(0, np.int64)
-        tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype)
-        for array, path in ((tokens, tokens_file), (starts, starts_file)):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npy")  # atomic: never a half-written cache
-            np.save(tmp, array)
-            tmp.replace(path)
 
     def chunk(self, rng, length):
         """Up to `length` tokens starting at a random paragraph (so it begins with BOS), running on past its end."""
@@ -223,8 +219,7 @@ def read_text(path):
 
 
 def read_paragraphs(path):
-    text = read_text(path)
-    return [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+    return [p.strip() for p in re.split(r"\n\s*\n", read_text(path)) if p.strip()]
 
 
 def read_pairs(path):
@@ -278,10 +273,7 @@ def sample_spans(n, rng, max_spans, span_min, span_max):
 
 
 def view_a(chunk, cfg: BatchConfig, tok: Tokenizer, rng):
-    """One row of view A: (tokens, roles, mntp_labels, msg_labels), each of length len(chunk).
-
-    Labels are stored at the position that predicts them: label[t-1] = original token t (the next-token shift).
-    """
+    """One row of view A: (tokens, roles, mntp_labels, msg_labels), each of length len(chunk); label[t-1] = token t."""
     n = len(chunk)
     tokens, roles = chunk.copy(), np.full(n, CONTEXT)
     mntp, msg = np.full(n, IGNORE), np.full(n, IGNORE)
@@ -484,9 +476,8 @@ def toy_blanks(n, seed):
     """(left, answer, right) triples: the answer is the object (1-4 words) that only the right context names."""
     out = []
     for text in toy_stories(n, seed):
-        obj = re.search(" found a (" + "|".join(OBJECTS) + ") ", text).group(1)
-        i = text.index(f" found a {obj} ") + len(" found a")
-        out.append((text[:i], obj, text[i + 1 + len(obj):]))
+        found = re.search(" found a (" + "|".join(OBJECTS) + ") ", text)  # the first sentence's object
+        out.append((text[:found.start(1) - 1], found.group(1), text[found.end(1):]))
     return out
 
 
@@ -494,20 +485,17 @@ def toy_pairs(n, seed, split):
     """STS-style (a, b, score) pairs: b changes d of the 4 frame slots, score = 5 (4 - d) / 4; d = 0 is a
     paraphrase. split="test" uses only held-out frames, split="train" only the others."""
     rng, out = random.Random(seed), []
+    slot_values = [NAMES, range(len(VERBS)), list(OBJECTS), PLACES]
     while len(out) < n:
         a = random_frame(rng)
         if held_out(a) != (split == "test"):
             continue
         d, b = rng.randint(0, 4), list(a)
         for slot in rng.sample(range(4), d):
-            b[slot] = rng.choice([v for v in random_frame_values(slot) if v != a[slot]])
+            b[slot] = rng.choice([v for v in slot_values[slot] if v != a[slot]])
         first = frame_sentence(a, rng)
         out.append((plain(first), plain(frame_sentence(tuple(b), rng, avoid=first)), 5 * (4 - d) / 4))
     return out
-
-
-def random_frame_values(slot):
-    return [NAMES, range(len(VERBS)), list(OBJECTS), PLACES][slot]
 
 
 def toy_multiple_choice(n, seed):

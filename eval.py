@@ -136,6 +136,11 @@ def row_nll(m: Magnet, rows, batch_size=16):
     return out
 
 
+def perplexity(nll):
+    """exp(mean NLL per target token) of row_nll's (sum, count) pairs."""
+    return float(np.exp(sum(s for s, _ in nll) / sum(c for _, c in nll)))
+
+
 def causal_row(tokens, first_target):
     """An all-SPAN row whose targets are tokens[first_target:]."""
     labels = [IGNORE] * (first_target - 1) + list(tokens[first_target:]) + [IGNORE]
@@ -162,8 +167,7 @@ def limited(items, cfg):
 
 def suite_ppl(m, cfg):
     rows = [causal_row(p, 1) for p in limited(held_out_passages(cfg, m.tok), cfg) if len(p) > 1]
-    nll = row_nll(m, rows)
-    return {"ppl": float(np.exp(sum(s for s, _ in nll) / sum(c for _, c in nll)))}
+    return {"ppl": perplexity(row_nll(m, rows))}
 
 
 def suite_infill(m, cfg):
@@ -179,18 +183,16 @@ def suite_infill(m, cfg):
         labels[s - 1:s - 1 + cfg.gap] = p[s:s + cfg.gap]
         hybrid.append((p, roles, labels))
         causal.append(causal_row(p[:s + cfg.gap], s))
-    ppl = {name: float(np.exp(sum(a for a, _ in r) / sum(c for _, c in r)))
-           for name, r in (("gap_ppl_hybrid", row_nll(m, hybrid)), ("gap_ppl_left_only", row_nll(m, causal)))}
-    return dict(ppl, **blank_metrics(m, cfg))
+    return dict(gap_ppl_hybrid=perplexity(row_nll(m, hybrid)), gap_ppl_left_only=perplexity(row_nll(m, causal)),
+                **blank_metrics(m, cfg))
 
 
 BLANK_CONTEXT = 64  # tokens of context on each side of a text file's blank
 
 
 def blanks(m, cfg):
-    """(left ids, gap ids, right ids, left text or None) of up to 100 blanks. The toy world's hide an object of 1-4
-    words that only the right context names; a text file's are 1..max_gap tokens (uniform) at random places of
-    held-out passages, with up to BLANK_CONTEXT tokens of context on each side."""
+    """(left ids, gap ids, right ids, left text or None) of up to 100 blanks (see the module docstring); a text
+    file's are uniform in length, at random places, with up to BLANK_CONTEXT tokens of context on each side."""
     out = []
     if cfg.text_data == "toy":
         for left, answer, right in data.toy_blanks(min(cfg.limit or 100, 100), data.EVAL_SEED + cfg.seed):
@@ -208,9 +210,8 @@ def blanks(m, cfg):
 
 
 def blank_metrics(m, cfg):
-    """Exact match of the gap told its length (the oracle) and not told it (Magnet.infill_ids chooses among
-    1..max_gap), how often the chosen length is exact or within 1 token; on the toy world also the causal
-    model's exact match from the left alone (told the length)."""
+    """The blank metrics of the module docstring (not told the length, Magnet.infill_ids chooses among 1..max_gap);
+    on the toy world also the causal model's exact match from the left alone (told the length)."""
     hits = dict(blank_em_hybrid=0, blank_em_unknown_length=0, blank_length_exact=0, blank_length_within_1=0)
     items = blanks(m, cfg)
     if not items:
@@ -231,13 +232,12 @@ def blank_metrics(m, cfg):
 
 
 def suite_repetition(m, cfg):
-    scores = {k: [] for k in ("rep_2", "rep_3", "rep_4", "rep_sen")}
-    passages = [p for p in limited(held_out_passages(cfg, m.tok), cfg) if len(p) > cfg.prefix_len][:cfg.limit or None]
+    scores = dict(rep_2=[], rep_3=[], rep_4=[], rep_sen=[])
+    passages = [p for p in limited(held_out_passages(cfg, m.tok), cfg) if len(p) > cfg.prefix_len]
     for p in tqdm(passages, desc="repetition", leave=False):
         text = m.generate(m.tok.decode(p[1:cfg.prefix_len]), cfg.cont_len)
         ids = m.tok.encode(text)
-        for k, v in (("rep_2", rep_n(ids, 2)), ("rep_3", rep_n(ids, 3)), ("rep_4", rep_n(ids, 4)),
-                     ("rep_sen", rep_sen(text))):
+        for k, v in dict(rep_2=rep_n(ids, 2), rep_3=rep_n(ids, 3), rep_4=rep_n(ids, 4), rep_sen=rep_sen(text)).items():
             if v is not None:
                 scores[k].append(v)
     return {k: float(np.mean(v)) if v else float("nan") for k, v in scores.items()}
@@ -353,10 +353,9 @@ def suite_mc(m, cfg):
     items = data.toy_multiple_choice(cfg.limit or 200, data.EVAL_SEED + cfg.seed) if cfg.mc_data == "toy" \
         else limited(read_mc(cfg.mc_data), cfg)
     nll = row_nll(m, [row for it in items for row in choice_rows(m.tok, it["context"], it["choices"])])
-    i, right, right_norm = 0, 0, 0
+    right, right_norm, sums = 0, 0, iter(s for s, _ in nll)
     for it in items:
-        scores = [s for s, _ in nll[i:i + len(it["choices"])]]
-        i += len(it["choices"])
+        scores = [next(sums) for _ in it["choices"]]
         right += int(np.argmin(scores) == it["label"])
         right_norm += int(np.argmin([s / len(c) for s, c in zip(scores, it["choices"])]) == it["label"])
     return {"acc": right / len(items), "acc_norm": right_norm / len(items)}
@@ -399,16 +398,13 @@ def describe(path, suite):
     """What a result was computed on: the file(s), size and hash (or just "toy" for the built-in toy world)."""
     if path == "toy":
         return {"path": "toy"}
-    if suite == "token":
-        if not Path(path).is_dir():
-            raise EvalError(f"--token_data={path}: expected a directory with CoNLL-2003 train.txt, valid.txt, test.txt")
-        files = [Path(path) / f for f in ("train.txt", "valid.txt", "test.txt")]
-    else:
-        files = [Path(path)]
+    if suite == "token" and not Path(path).is_dir():
+        raise EvalError(f"--token_data={path}: expected a directory with CoNLL-2003 train.txt, valid.txt, test.txt")
+    files = [Path(path) / f for f in ("train.txt", "valid.txt", "test.txt")] if suite == "token" else [Path(path)]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
-        raise EvalError(f"{', '.join(missing)}: data file not found" + (" (the token suite needs train.txt, valid.txt "
-                                                                        "and test.txt)" if suite == "token" else ""))
+        need = " (the token suite needs train.txt, valid.txt and test.txt)" if suite == "token" else ""
+        raise EvalError(f"{', '.join(missing)}: data file not found{need}")
     return {"path": path, "bytes": sum(f.stat().st_size for f in files),
             "sha256": hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:16]}
 

@@ -7,7 +7,7 @@ checkpoint loads strictly, one to one.
 """
 import json
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -502,8 +502,7 @@ def save_checkpoint(model: Transformer, directory, overwrite=False, dtype=None):
         raise FileExistsError(f"{directory} already holds a checkpoint; pass overwrite=True to replace it")
     for stale in directory.glob("consolidated.*.pth"):  # overwriting: old model-parallel shards must not linger
         stale.unlink()
-    a = model.args
-    params = {f.name: getattr(a, f.name) for f in fields(a) if f.name in PARAMS_JSON_FIELDS}
+    params = {k: getattr(model.args, k) for k in PARAMS_JSON_FIELDS}
     # keep params.json readable by Meta's own Llama-2 code: write our extra keys only when they are not the default
     params = {k: v for k, v in params.items()
               if v is not None and not (k in ("rope_theta", "tie_embeddings") and v == getattr(ModelArgs, k))}
