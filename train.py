@@ -28,6 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
 from tqdm import tqdm
 
 import data
@@ -39,7 +42,7 @@ from model import (CheckpointError, ModelArgs, Transformer, apply_lora, load_che
 
 
 @dataclass
-class Config(BatchConfig):  # every key of the MAGNET batch, plus these
+class Config(BatchConfig):  # data.BatchConfig's keys (batch_size ... instruction), plus these
     out_dir: str = "out"
     init_from: str = "scratch"  # a base checkpoint (Meta directory or llama2.c .bin), or "scratch"
     pretrain_iters: int = 1000  # with init_from=scratch and lora: first train a causal base for this many steps
@@ -62,15 +65,14 @@ class Config(BatchConfig):  # every key of the MAGNET batch, plus these
     lora_rank: int = 16
     lora_alpha: float = 32.0
     lora_dropout: float = 0.05
-    # objectives (the batch keys, batch_size ... instruction, are inherited from data.BatchConfig)
+    # objectives
     w_mntp: float = 1.0
     w_msg: float = 1.0
     w_sscl: float = 1.0
     temperature: float = 0.05
     pooling: str = "last"
     # SimCSE noise when SSCL has no pairs (a text's positive is then a copy of it): attention dropout in the SSCL
-    # forward (views B and C) only, never in view A. 0.3 is LLM2Vec's SimCSE value for Llama-2 (HF's
-    # attention_dropout). With pairs the positives differ already and it is off, as in LLM2Vec's supervised stage
+    # forward (views B and C) only; 0.3 as LLM2Vec's SimCSE for Llama-2. Off with pairs, as LLM2Vec's supervised stage
     sscl_dropout: float = 0.3
     # optimisation
     max_iters: int = 400
@@ -94,6 +96,10 @@ class Config(BatchConfig):  # every key of the MAGNET batch, plus these
 
 
 class ConfigError(ValueError):
+    pass
+
+
+class TrainingError(RuntimeError):
     pass
 
 
@@ -157,8 +163,8 @@ def setup_distributed(cfg):
     # a long timeout: rank 0 alone tokenizes a new corpus (minutes for Wikitext-103) while the others wait
     dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
     if device == "cuda":
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        return dist.get_rank(), dist.get_world_size(), torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
     return dist.get_rank(), dist.get_world_size(), torch.device(device)
 
 
@@ -234,11 +240,13 @@ def build_model(cfg, tok):
     return model
 
 
-def shard(model_or_none, args, cfg, rank, device):
+def shard(model_or_none, cfg, rank, device):
     """FSDP2: build an empty copy (same dtypes) on the meta device, shard it per block and at the root, then let
     rank 0's full state dict be broadcast into the shards (so a 7B base is in host memory once, not once per rank)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    box = [model_or_none.args if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    args = box[0]
     with torch.device("meta"):
         sharded = Transformer(args).to(base_dtype(cfg))
         if cfg.lora:
@@ -282,9 +290,8 @@ def train_step(magnet, opt, corpus, pairs, cfg, step, rank, world, max_total=mat
         # token losses: this rank's sum of cross-entropies / (global count / world), so that FSDP's average of
         # the ranks' gradients is the gradient of the global token mean; SSCL is a mean per micro-batch
         local.update({f"{k}_count": torch.tensor(max(1, counts[k]) / world) for k in counts})
-        losses = magnet.losses(local)
-        del losses["total"]
-        per_step = {k: v / cfg.grad_accum if k == "sscl" else v for k, v in losses.items()}
+        per_step = {k: v / cfg.grad_accum if k == "sscl" else v for k, v in magnet.losses(local).items()
+                    if k != "total"}
         sum(magnet.weights[k] * v for k, v in per_step.items()).backward()
         for k, v in per_step.items():
             sums[k] = sums.get(k, 0.0) + v.detach().float()
@@ -309,14 +316,8 @@ def train_step(magnet, opt, corpus, pairs, cfg, step, rank, world, max_total=mat
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints (distributed checkpoint of the trainable state + optimizer) and exports
 
-class TrainingError(RuntimeError):
-    pass
-
-
 def save_state(out, model, opt, step, rank):
     """DCP to ckpt.tmp, then swap it in: a crash at any moment leaves ckpt (or ckpt.old) complete and loadable."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
     msd, osd = get_state_dict(model, opt, options=StateDictOptions(ignore_frozen_params=True))
     tmp, final, old = out / "ckpt.tmp", out / "ckpt", out / "ckpt.old"
     if rank == 0 and tmp.exists():
@@ -335,8 +336,6 @@ def save_state(out, model, opt, step, rank):
 
 
 def load_state(out, model, opt):
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
     path = next((p for p in (out / "ckpt", out / "ckpt.old") if (p / ".metadata").exists()), None)
     if path is None:
         raise ConfigError(f"--resume: no checkpoint in {out} (expected {out / 'ckpt'})")
@@ -349,16 +348,14 @@ def load_state(out, model, opt):
 
 
 def export(out, model, full_model, tok, cfg, rank, world):
-    """Adapter-only file and merged Meta-format checkpoint (with the tokenizer), written by rank 0."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    """Adapter-only file and merged Meta-format checkpoint (with the tokenizer), written by rank 0. With one process
+    full_model is the trained model itself; under FSDP the trained shards are gathered into rank 0's full_model."""
     if world > 1:
         trained = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
                                                                          ignore_frozen_params=True))
-    if rank == 0:
-        if world > 1:
+        if rank == 0:
             full_model.load_state_dict(trained, strict=False)
-        else:
-            full_model = model
+    if rank == 0:
         settings = {k: getattr(cfg, k) for k in SETTINGS}  # how to encode with this model (magnet.read_settings)
         if cfg.lora:
             save_adapter(full_model, out / "adapter.pt", overwrite=True, magnet=settings)
@@ -516,12 +513,7 @@ def run(cfg, rank, world, device):
 def train(cfg, out, rank, world, device):
     tok, corpus, pairs = rank0_first(lambda: setup_data(cfg, out, write=rank == 0), rank, world)
     full = rank0_first(lambda: build_model(cfg, tok) if rank == 0 else None, rank, world)
-    if world > 1:
-        args = [full.args if rank == 0 else None]
-        dist.broadcast_object_list(args, src=0)
-        model = shard(full, args[0], cfg, rank, device)
-    else:
-        model = full.to(device)
+    model = shard(full, cfg, rank, device) if world > 1 else full.to(device)
     model.checkpoint_activations = cfg.activation_checkpointing
     magnet = Magnet(model.train(), tok, cfg.w_mntp, cfg.w_msg, cfg.w_sscl, cfg.temperature, cfg.pooling,
                     cfg.instruction, sscl_dropout=0.0 if pairs else cfg.sscl_dropout)
@@ -544,9 +536,9 @@ def train(cfg, out, rank, world, device):
             with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda" and world == 1):
                 losses, tokens = train_step(magnet, opt, corpus, pairs, cfg, step, rank, world, max_total)
         except TrainingError as e:
-            raise TrainingError(f"{e}. " + (f"The checkpoint of step {saved} is intact: --resume=true continues from "
-                                            "it (perhaps with a lower --lr)" if saved else "No checkpoint was written "
-                                            "yet: try a lower --lr")) from None
+            hint = (f"The checkpoint of step {saved} is intact: --resume=true continues from it (perhaps with a "
+                    "lower --lr)" if saved else "No checkpoint was written yet: try a lower --lr")
+            raise TrainingError(f"{e}. {hint}") from None
         recent = (recent + [losses["total"]])[-50:]
         if rank == 0:
             record = dict(step=step, lr=lr_at(step, cfg), tokens_per_s=tokens / (time.perf_counter() - t0), **losses)
