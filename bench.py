@@ -9,6 +9,7 @@ CPU each run is a fresh process, and its peak RSS (VmHWM, reset right before the
 """
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -400,7 +401,9 @@ def main():
     for bench, rows in results.items():
         print(f"\n## {bench}\n{' '.join(BENCHES[bench].__doc__.split())}\n\n{markdown_table(rows)}")
     if a.out:
-        report = dict(provenance=provenance(), config=config, matmul_readings=readings, results=results)
+        allocator = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}  # glibc tuning, if any was set
+        report = dict(provenance=provenance(), config=config, allocator_env=allocator, matmul_readings=readings,
+                      results=results)
         Path(a.out).write_text(json.dumps(report, indent=2))
 
 
