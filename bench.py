@@ -10,6 +10,7 @@ CPU each run is a fresh process, and its peak RSS (VmHWM, reset right before the
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -290,7 +291,8 @@ def bench_vs_hf(config):
     Hugging Face transformers + PEFT, same model (Llama, vocab 32000, fp32), same batch (view_a_batch), same LoRA
     (r=16, alpha 32, dropout 0.05 on all seven projections); HF gets the hybrid mask as a 4-D boolean attention_mask
     and one cross-entropy over its full logits. Fresh process per run, the two alternated, best of `rounds` medians.
-    FLOPs: lora_flops_per_token (the real work of a LoRA step)."""
+    FLOPs: lora_flops_per_token (the real work of a LoRA step). page_faults_per_step: minor page faults (getrusage)
+    of one more step after the timed ones."""
     if not config.get("child"):
         try:
             import peft, transformers  # noqa: F401 -- only the anchor needs them
@@ -334,12 +336,15 @@ def bench_vs_hf(config):
         loss_fn().backward()
         opt.step()
     seconds = median_time(step, config)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    step()  # one more, to count the page faults of a step in steady state (costly on VMs: see the README)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     with torch.device("meta"):  # the same shapes, to count FLOPs (HF computes every logit)
         shapes = apply_lora(Transformer(args), rank=16)
     logit_share = float((targets != data.IGNORE).float().mean()) if config["impl"] == "magnet" else 1.0
     flops = lora_flops_per_token(shapes, T, logit_share)
     return dict(name=config["impl"], tokens_per_s=B * T / seconds, gflop_per_token=flops / 1e9,
-                peak_mem_mib=(memory("cpu", peak=True) - before) / 2**20)
+                peak_mem_mib=(memory("cpu", peak=True) - before) / 2**20, page_faults_per_step=faults)
 
 
 def markdown_table(rows):
