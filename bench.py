@@ -289,10 +289,10 @@ def view_a_batch(B, T, vocab, generator):
 def bench_vs_hf(config):
     """The MAGNET view-A LoRA training step (MNTP + MSG on one hybrid-mask forward, backward, AdamW) here and in
     Hugging Face transformers + PEFT, same model (Llama, vocab 32000, fp32), same batch (view_a_batch), same LoRA
-    (r=16, alpha 32, dropout 0.05 on all seven projections); HF gets the hybrid mask as a 4-D boolean attention_mask
-    and one cross-entropy over its full logits. Fresh process per run, the two alternated, best of `rounds` medians.
-    FLOPs: lora_flops_per_token (the real work of a LoRA step). page_faults_per_step: minor page faults (getrusage)
-    of one more step after the timed ones."""
+    (r=16, alpha 32, dropout --lora_dropout (default 0.05) on all seven projections); HF gets the hybrid mask as a
+    4-D boolean attention_mask and one cross-entropy over its full logits. Fresh process per run, the two
+    alternated, best of `rounds` medians. FLOPs: lora_flops_per_token (the real work of a LoRA step).
+    page_faults_per_step: minor page faults (getrusage) of one more step after the timed ones."""
     if not config.get("child"):
         try:
             import peft, transformers  # noqa: F401 -- only the anchor needs them
@@ -312,7 +312,7 @@ def bench_vs_hf(config):
     targets = torch.where(batch["mntp_labels"] != data.IGNORE, batch["mntp_labels"], batch["msg_labels"])
     args = ModelArgs(dim=dim, n_layers=L, n_heads=8, vocab_size=V, max_seq_len=T)
     if config["impl"] == "magnet":
-        model = apply_lora(Transformer(args), rank=16, alpha=32, dropout=0.05).train()
+        model = apply_lora(Transformer(args), rank=16, alpha=32, dropout=config["lora_dropout"]).train()
         magnet = Magnet(model, SimpleNamespace(vocab_size=V, path="(none)"), w_sscl=0)
         loss_fn = lambda: magnet.losses(batch)["total"]
     else:
@@ -321,8 +321,9 @@ def bench_vs_hf(config):
             vocab_size=V, hidden_size=dim, intermediate_size=args.hidden_dim, num_hidden_layers=L,
             num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=T, rms_norm_eps=args.norm_eps,
             tie_word_embeddings=False, attn_implementation="sdpa"))
-        model = peft.get_peft_model(hf, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=[
-            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])).train()
+        lora = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=config["lora_dropout"], target_modules=[
+            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+        model = peft.get_peft_model(hf, lora).train()
         positions = torch.arange(T).expand(B, T)
         mask = hybrid_mask(batch["roles"], positions, batch["roles"], positions)  # (B, 1, T, T) bool
         def loss_fn():  # MNTP and MSG targets never share a position: one cross-entropy over all logits
@@ -370,6 +371,7 @@ def main():
     for name, default in dict(dim=512, n_layers=8, heads=8, batch=8, seq=512, steps=3).items():
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--checkpoint_activations", action="store_true", help="--bench=magnet: recompute in backward")
+    p.add_argument("--lora_dropout", type=float, default=0.05, help="--bench=vs_hf: LoRA dropout on both sides")
     p.add_argument("--backends", default="sdpa,math")
     p.add_argument("--quick", action="store_true", help="tiny sizes everywhere, 1 timed run")
     p.add_argument("--out", help="also write the results as JSON to this file")
@@ -384,6 +386,7 @@ def main():
         a.dim, a.n_layers, a.batch, a.seq, a.steps = 128, 2, 2, 128, 1
     config = dict(device=a.device, dtype=a.dtype, dim=a.dim, n_layers=a.n_layers, heads=a.heads, batch=a.batch,
                   seq=a.seq, steps=a.steps, checkpoint_activations=a.checkpoint_activations, backends=a.backends,
+                  lora_dropout=a.lora_dropout,
                   rounds=1 if q else 3, stories=200 if q else 2000, toy_vocab=256,
                   inference=dict(zip(("dim", "n_layers", "context", "new", "gap"),  # context: prompt/left/right
                                      (128, 2, 16, 16, 8) if q else (256, 4, 64, 512, 512))),

@@ -138,6 +138,30 @@ def test_lora_starts_at_base_merges_and_trains_only_adapters(tmp_path):
     assert torch.allclose(load_checkpoint(tmp_path / "merged", max_seq_len=64)(tokens), adapted, atol=1e-5)
 
 
+@pytest.mark.parametrize("alpha", [32, 24])  # alpha/r = 2 (a power of two: bit for bit PEFT's order) and 1.5
+def test_lora_scaling_on_the_rank_r_activations(alpha):
+    """LoRALinear scales A x (r numbers per token), PEFT scales B A x (out numbers): the same map and gradients, to
+    float64; identical bits when alpha/r is a power of two."""
+    torch.manual_seed(0)
+    lin = LoRALinear(torch.nn.Parameter(torch.randn(48, 40), requires_grad=False), rank=16, alpha=alpha, dropout=0.0)
+    torch.nn.init.normal_(lin.lora_B, std=0.3)
+    x, g = torch.randn(5, 7, 40), torch.randn(5, 7, 48)
+    def value_and_grads(forward, *tensors):
+        for t in tensors:
+            t.grad = None
+        y = forward(*tensors)
+        y.backward(g.to(y.dtype))
+        return [y.detach()] + [t.grad for t in tensors]
+    xr = x.clone().requires_grad_()
+    ours = value_and_grads(lambda x, a, b: lin(x), xr, lin.lora_A, lin.lora_B)
+    peft_order = lambda x, a, b: x @ lin.weight.to(x.dtype).T + (x @ a.T @ b.T) * (alpha / 16)
+    exact = value_and_grads(peft_order, *(t.detach().double().requires_grad_() for t in (x, lin.lora_A, lin.lora_B)))
+    for o, e in zip(ours, exact):
+        assert torch.allclose(o.double(), e, rtol=1e-5, atol=1e-5)
+    peft = value_and_grads(peft_order, *(t.detach().clone().requires_grad_() for t in (x, lin.lora_A, lin.lora_B)))
+    assert all(torch.equal(o, q) for o, q in zip(ours, peft)) == (alpha == 32)
+
+
 def test_adapter_roundtrip_onto_same_base(tmp_path):
     torch.manual_seed(1)
     base = tiny()
