@@ -59,9 +59,7 @@ def smollm2(tmp_path_factory):
     out = tmp_path_factory.mktemp("smollm2") / "meta"
     t0 = time.perf_counter()
     convert.convert(src, out)
-    seconds = time.perf_counter() - t0
-    print(f"converted {src.name} in {seconds:.1f} s")
-    assert seconds < 60
+    print(f"converted {src.name} in {time.perf_counter() - t0:.1f} s")  # reported, not asserted: no timed tests
     return out
 
 
