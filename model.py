@@ -274,9 +274,8 @@ class LoRALinear(nn.Module):
         y = F.linear(x, self.weight)
         if self.merged:
             return y
-        # alpha/r scales the rank-r activations, not the output: r numbers per token instead of out (a 32x smaller
-        # multiply at r=16 over dim 512, forward and backward). Bit for bit PEFT's order when alpha/r is a power
-        # of two (r=16, alpha=32); otherwise equal up to float rounding.
+        # alpha/r scales the r activations per token, not the `out` outputs (PEFT's order): the same bits when alpha/r
+        # is a power of two (r=16, alpha=32), else equal to float rounding; a 32x smaller multiply at r=16, dim 512
         h = F.linear(self.dropout(x), self.lora_A) * self.scaling  # (..., r)
         return y + F.linear(h, self.lora_B)
 
