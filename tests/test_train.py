@@ -342,3 +342,17 @@ def test_simcse_noise_only_when_sscl_has_no_pairs(setup, monkeypatch):
     run_main(common + ["--max_iters=1", f"--out_dir={d / 'paired'}"])
     run_main(common + ["--max_iters=1", "--pairs=", f"--out_dir={d / 'unpaired'}"])
     assert seen == [0.0, 0.3]
+
+
+def test_the_prepared_gpu_check_runs(tmp_path):
+    """gpu_check.sh (README "GPU") at tiny shapes on the CPU: every step runs and writes its results, so a session
+    with a GPU does not spend its few minutes on a broken script."""
+    out, env = tmp_path / "out", {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run(["bash", str(ROOT / "gpu_check.sh"), str(out)], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(env, DEVICE="cpu", QUICK="1", RUN_DIR=str(tmp_path / "run")), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    step = json.loads((out / "bench_7b.json").read_text())["results"]["magnet"][0]
+    assert step["tokens_per_s"] > 0 and step["mfu_percent"] > 0
+    assert (out / "bench_vs_hf.json").exists()
+    log = (out / "train_7b.md").read_text()
+    assert all(f"step {i}:" in log for i in range(5)) and "step 5:" not in log  # stopped at stop_at=5
