@@ -13,7 +13,7 @@ Two paths compute the same thing (tests hold them to 1e-5 in fp32, values and gr
   "math": explicit softmax(Q K^T / sqrt(d) + mask) V, softmax in fp32: the readable reference.
   "sdpa": torch's fused F.scaled_dot_product_attention; a batch that is all-causal or all-bidirectional passes no
           mask at all (is_causal=True / no mask), which lets GPUs use the flash kernels.
-(DESIGN's optional third path, FlexAttention's block-sparse kernel for the hybrid mask on CUDA, is not written yet.)
+(DESIGN's optional third path, FlexAttention's block-sparse kernel on CUDA, is not written: README, Design notes.)
 """
 import math
 
