@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, fields
@@ -446,11 +447,8 @@ def parse(argv):
 def provenance():
     """The code and machine a result comes from: the commit (with "+changes" when a tracked .py, .sh or config file
     differs from it), torch, and the CPU / GPU."""
-    def git(*args):  # "" where there is no git or no repository (a copied working tree)
-        try:
-            return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True).stdout
-        except OSError:
-            return ""
+    git = lambda *a: subprocess.run(["git", *a], cwd=Path(__file__).parent, capture_output=True, text=True).stdout \
+        if shutil.which("git") else ""  # no git on the machine: "unknown" (a copied tree without .git: the same)
     commit = git("rev-parse", "--short", "HEAD").strip() or "unknown"
     dirty = git("status", "--porcelain", "--untracked-files=no", "--", "*.py", "*.sh", "config").strip()
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()

@@ -15,21 +15,22 @@ if [ "${QUICK:-0}" = 1 ]; then quick=(--quick); shape=(--dim=64 --n_layers=2 --n
 else quick=(); shape=(--dim=4096 --n_layers=32 --n_heads=32 --multiple_of=256); fi
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+py=$(command -v python3 || command -v python)  # GPU images may have only python3
 { date -u; git rev-parse --short HEAD 2>/dev/null || echo "commit unknown (no git repository here)"; nvidia-smi -L 2>/dev/null || echo "no nvidia-smi"
-  python -c "import torch; print('torch', torch.__version__)"; } | tee "$out/machine.txt"
+  "$py" -c "import torch; print('torch', torch.__version__)"; } | tee "$out/machine.txt"
 
 echo "[$SECONDS s] 1. one MAGNET step at Llama-2-7B shape"
-python bench.py --bench=magnet --device="$device" --dtype=bfloat16 --dim=4096 --n_layers=32 --heads=32 --batch=8 \
+"$py" bench.py --bench=magnet --device="$device" --dtype=bfloat16 --dim=4096 --n_layers=32 --heads=32 --batch=8 \
     --seq=512 --checkpoint_activations "${quick[@]}" --out "$out/bench_7b.json" | tee "$out/bench_7b.md"
 echo "[$SECONDS s] 2. the view-A LoRA step against HF + PEFT"
-python bench.py --bench=vs_hf --device="$device" "${quick[@]}" --out "$out/bench_vs_hf.json" | tee "$out/bench_vs_hf.md"
+"$py" bench.py --bench=vs_hf --device="$device" "${quick[@]}" --out "$out/bench_vs_hf.json" | tee "$out/bench_vs_hf.md"
 
 echo "[$SECONDS s] 3. train.py under torchrun at Llama-2-7B shape"
 run=${RUN_DIR:-/tmp/magnet_gpu_check}  # the toy world's tokenizer and corpus; random weights, no pretraining
-python -m torch.distributed.run --standalone --nproc_per_node=1 train.py config/llama2_7b.py --init_from=scratch --pretrain_iters=0 \
+"$py" -m torch.distributed.run --standalone --nproc_per_node=1 train.py config/llama2_7b.py --init_from=scratch --pretrain_iters=0 \
     "${shape[@]}" --max_seq_len=1024 --data=toy --batch_size=4 --grad_accum=1 --max_iters=10 --stop_at=5 --ckpt_interval=5 \
     --device="$device" --out_dir="$run" --overwrite=true
-python - "$run/log.jsonl" <<'PY' | tee "$out/train_7b.md"
+"$py" - "$run/log.jsonl" <<'PY' | tee "$out/train_7b.md"
 import json, sys
 steps = [json.loads(line) for line in open(sys.argv[1])]
 print("train.py, Llama-2-7B shape, toy world, batch 4 x 513 (view A) + SSCL views:")
