@@ -347,10 +347,10 @@ def load_state(out, model, opt):
     return state["step"]
 
 
-def export(out, model, full_model, tok, cfg, rank, world):
-    """Adapter-only file and merged Meta-format checkpoint (with the tokenizer), written by rank 0. With one process
+def export(out, model, full_model, tok, cfg, rank):
+    """Adapter-only file and merged Meta-format checkpoint (with the tokenizer), written by rank 0. Without torchrun
     full_model is the trained model itself; under FSDP the trained shards are gathered into rank 0's full_model."""
-    if world > 1:
+    if dist.is_initialized():
         trained = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
                                                                          ignore_frozen_params=True))
         if rank == 0:
@@ -513,7 +513,8 @@ def run(cfg, rank, world, device):
 def train(cfg, out, rank, world, device):
     tok, corpus, pairs = rank0_first(lambda: setup_data(cfg, out, write=rank == 0), rank, world)
     full = rank0_first(lambda: build_model(cfg, tok) if rank == 0 else None, rank, world)
-    model = shard(full, cfg, rank, device) if world > 1 else full.to(device)
+    sharded = dist.is_initialized()  # under torchrun FSDP2 shards even one process: one GPU tests the multi-GPU path
+    model = shard(full, cfg, rank, device) if sharded else full.to(device)
     model.checkpoint_activations = cfg.activation_checkpointing
     magnet = Magnet(model.train(), tok, cfg.w_mntp, cfg.w_msg, cfg.w_sscl, cfg.temperature, cfg.pooling,
                     cfg.instruction, sscl_dropout=0.0 if pairs else cfg.sscl_dropout)
@@ -533,7 +534,7 @@ def train(cfg, out, rank, world, device):
         t0 = time.perf_counter()
         max_total = cfg.spike_factor * float(np.median(recent)) if cfg.spike_factor and len(recent) >= 20 else math.inf
         try:
-            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda" and world == 1):
+            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda" and not sharded):
                 losses, tokens = train_step(magnet, opt, corpus, pairs, cfg, step, rank, world, max_total)
         except TrainingError as e:
             hint = (f"The checkpoint of step {saved} is intact: --resume=true continues from it (perhaps with a "
@@ -558,7 +559,7 @@ def train(cfg, out, rank, world, device):
         if rank == 0:
             print(f"stopped after step {cfg.stop_at} (stop_at); continue with --resume=true")
         return
-    export(out, model, full, tok, cfg, rank, world)
+    export(out, model, full, tok, cfg, rank)
     if rank == 0:
         print(f"wrote {out / 'merged'} (Meta format + tokenizer, {cfg.merged_dtype})" +
               (f" and {out / 'adapter.pt'}; evaluate the exact model with --ckpt={cfg.init_from}::{out / 'adapter.pt'}"
