@@ -85,6 +85,7 @@ class Config(BatchConfig):  # data.BatchConfig's keys (batch_size ... instructio
     spike_factor: float = 10.0  # stop if a step's loss exceeds this many times the median of the last 50 (0 = off)
     # system
     device: str = "auto"  # auto = cuda if available
+    precision: str = "auto"  # "bf16" (bf16 compute; a LoRA base is stored bf16), "fp32", or "auto": bf16 on a GPU
     activation_checkpointing: bool = False
     seed: int = 0
     ckpt_interval: int = 100
@@ -210,9 +211,15 @@ def rank0_first(fn, rank, world):
     return fn() if rank != 0 else result
 
 
+def bf16(cfg):
+    """Mixed precision: bf16 compute (autocast in one process, FSDP2's bf16 policy under torchrun). "auto" uses it on
+    a GPU only (bf16 matmuls are slow on CPUs); "bf16" on a CPU runs the GPU's numerics there (tests/test_train.py)."""
+    return torch.cuda.is_available() and cfg.device != "cpu" if cfg.precision == "auto" else cfg.precision == "bf16"
+
+
 def base_dtype(cfg):
-    """With LoRA on a GPU the frozen base is bf16 (and the adapters fp32); without LoRA everything trains in fp32."""
-    return torch.bfloat16 if cfg.lora and torch.cuda.is_available() and cfg.device != "cpu" else torch.float32
+    """With LoRA under bf16 the frozen base is bf16 (the adapters fp32); otherwise every weight is stored in fp32."""
+    return torch.bfloat16 if cfg.lora and bf16(cfg) else torch.float32
 
 
 def add_lora(model, cfg):  # adapters train in fp32 even when the base is bf16
@@ -253,7 +260,7 @@ def shard(model_or_none, cfg, rank, device):
             add_lora(sharded, cfg)
     # bf16 compute, fp32 gradient reduction; forward inputs are not cast, so the RoPE angles stay fp32
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False) \
-        if device.type == "cuda" else MixedPrecisionPolicy()
+        if bf16(cfg) else MixedPrecisionPolicy()
     for block in sharded.layers:
         fully_shard(block, mp_policy=mp)
     fully_shard(sharded, mp_policy=mp)
@@ -415,6 +422,8 @@ def check(cfg, world):
         (cfg.w_sscl > 0 and cfg.data != "toy" and not cfg.pairs and cfg.sscl_dropout == 0 and cfg.dropout == 0,
          "SSCL would compare each text with an identical copy (no --pairs, no noise): set --sscl_dropout=0.3 "
          "(SimCSE noise, LLM2Vec's value), give --pairs=FILE, or turn SSCL off with --w_sscl=0"),
+        (cfg.precision not in ("auto", "bf16", "fp32"),
+         f"precision must be 'auto', 'bf16' or 'fp32' (got {cfg.precision!r})"),
         (cfg.merged_dtype not in MERGED_DTYPES, f"merged_dtype must be one of {list(MERGED_DTYPES)} "
                                                  f"(got {cfg.merged_dtype!r})"),
         (cfg.init_from != "scratch" and not Path(cfg.init_from).exists(),
@@ -469,7 +478,7 @@ def hold(out, cfg, rank, world):
 
 MAY_CHANGE_ON_RESUME = {"out_dir", "resume", "overwrite", "stop_at", "max_iters", "lr", "min_lr", "warmup_iters",
                         "grad_clip", "spike_factor", "ckpt_interval", "device", "activation_checkpointing",
-                        "cache_dir", "demo", "merged_dtype"}
+                        "cache_dir", "demo", "merged_dtype", "precision"}
 
 
 def check_resume(out, cfg):
@@ -534,7 +543,7 @@ def train(cfg, out, rank, world, device):
         t0 = time.perf_counter()
         max_total = cfg.spike_factor * float(np.median(recent)) if cfg.spike_factor and len(recent) >= 20 else math.inf
         try:
-            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda" and not sharded):
+            with torch.autocast(device.type, torch.bfloat16, enabled=bf16(cfg) and not sharded):
                 losses, tokens = train_step(magnet, opt, corpus, pairs, cfg, step, rank, world, max_total)
         except TrainingError as e:
             hint = (f"The checkpoint of step {saved} is intact: --resume=true continues from it (perhaps with a "

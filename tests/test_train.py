@@ -14,7 +14,7 @@ import data
 import eval as ev
 import train
 from magnet import Magnet
-from model import ModelArgs, Transformer, load_checkpoint, save_checkpoint
+from model import ModelArgs, Transformer, apply_lora, load_checkpoint, merge_lora, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,6 +86,36 @@ def test_torchrun_one_and_two_processes_match_one_process(setup):
         # the exports gathered from the shards equal those of the plain process
         m1, m2 = load_checkpoint(d / "one" / "merged"), load_checkpoint(out / "merged")
         assert torch.allclose(m1(tokens), m2(tokens), atol=1e-4), n
+
+
+def test_bf16_mixed_precision_on_a_cpu(setup):
+    """--precision=bf16 runs the GPU's numerics on a CPU: a bf16 base under fp32 adapters, with bf16 autocast in one
+    process and FSDP2's bf16 MixedPrecisionPolicy under torchrun. Both follow the fp32 run to bf16 accuracy (LoRA
+    dropout off: its masks are drawn per rank) without equalling it (bf16 is really on), and the merged fp32 export
+    is the bf16-rounded base plus the fp32 adapter, merged in fp32."""
+    d, common = setup
+    args = common + ["--max_iters=3", "--lora_dropout=0.0", "--lr=1e-3"]
+    run_main(args + ["--precision=fp32", f"--out_dir={d / 'fp32'}"])
+    run_main(args + ["--precision=bf16", f"--out_dir={d / 'bf16'}"])
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(ROOT / "train.py")] + args + ["--precision=bf16", f"--out_dir={d / 'bf16_fsdp'}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    keys = ("mntp", "msg", "sscl", "grad_norm")
+    fp32 = [[r[k] for k in keys] for r in losses(d / "fp32")]
+    for run in ("bf16", "bf16_fsdp"):
+        got = [[r[k] for k in keys] for r in losses(d / run)]
+        assert got == [pytest.approx(row, rel=2e-2) for row in fp32], run
+        assert got != fp32, run
+    ref = load_checkpoint(d / "base").to(torch.bfloat16).float()  # the base as the bf16 runs held it
+    adapter = torch.load(d / "bf16" / "adapter.pt", weights_only=True)["state_dict"]
+    assert {v.dtype for v in adapter.values()} == {torch.float32}
+    apply_lora(ref, rank=16, alpha=32.0, dropout=0.0)
+    ref.load_state_dict(adapter, strict=False)
+    merge_lora(ref)
+    for k, v in load_checkpoint(d / "bf16" / "merged").state_dict().items():
+        assert torch.allclose(v, ref.state_dict()[k], rtol=0, atol=1e-6), k
 
 
 def test_resume_replays_the_uninterrupted_run(setup):
