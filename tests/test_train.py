@@ -131,6 +131,27 @@ def test_resume_replays_the_uninterrupted_run(setup):
         assert b["total"] == pytest.approx(a["total"], rel=1e-6, abs=1e-7)
 
 
+def test_a_run_resumes_on_more_processes(setup):
+    """A run stopped in one plain process continues under torchrun on two FSDP2 ranks (the distributed checkpoint
+    is resharded on load) and follows the uninterrupted run (LoRA dropout off: its masks are drawn per rank)."""
+    d, common = setup
+    args = common + ["--max_iters=6", "--lora_dropout=0.0", "--lr=1e-3"]
+    run_main(args + [f"--out_dir={d / 'whole'}"])
+    run_main(args + ["--stop_at=3", f"--out_dir={d / 'moved'}"])
+    first_half = (d / "moved" / "log.jsonl").read_text()
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(ROOT / "train.py")] + args + ["--resume=true", f"--out_dir={d / 'moved'}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    whole, moved = losses(d / "whole"), losses(d / "moved")
+    assert [r["step"] for r in moved] == list(range(6))
+    assert (d / "moved" / "log.jsonl").read_text().startswith(first_half)  # steps 0-2 kept (timings too), not rerun
+    for a, b in zip(whole, moved):
+        for k in ("total", "grad_norm"):
+            assert b[k] == pytest.approx(a[k], rel=1e-5), (a["step"], k)
+
+
 def test_gradient_accumulation_equals_the_larger_batch(setup):
     """MNTP + MSG are token means over the whole step: 2 micro-batches of 2 rows = 1 batch of 4 rows. (SSCL is not
     compared: its in-batch negatives are per micro-batch by design.)"""
