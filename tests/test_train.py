@@ -233,6 +233,7 @@ def test_a_crash_during_save_keeps_the_previous_checkpoint(setup, monkeypatch):
     (["--pairs=", "--sscl_dropout=0"], "no --pairs, no noise): set --sscl_dropout=0.3"),
     (["--sscl_dropout=1.0"], "sscl_dropout must be in [0, 1)"),
     (["--merged_dtype=float16"], "merged_dtype must be one of ['float32', 'bfloat16']"),
+    (["--precision=fp16"], "precision must be 'auto', 'bf16' or 'fp32' (got 'fp16')"),
 ])
 def test_bad_input_exits_nonzero_with_a_clear_error(setup, capsys, bad, message):
     d, common = setup
