@@ -6,9 +6,10 @@
         --tokenizer=tokenizer.model --data=wiki.train.raw
 
 Without RANK in the environment it runs as one process; under torchrun it shards the model with FSDP2 (nccl on
-CUDA, gloo on CPU). Every rank builds the global batch of a step from (seed, step) and keeps its own slice, and
-the token-mean losses are normalised by the global target count, so N processes follow the same loss curve as
-one process with the same global batch. Checkpoints hold the trainable state and the optimizer; the data position
+CUDA, gloo on CPU), even with one process. Every rank builds the global batch of a step from (seed, step) and keeps
+its own slice, and the token-mean losses are normalised by the global target count, so N processes follow the same
+loss curve as one process with the same global batch (in fp32 to float rounding; in bf16, autocast in one process
+and FSDP2's bf16 policy round differently). Checkpoints hold the trainable state and the optimizer; the data position
 and the random streams are functions of the step, so resuming replays the uninterrupted run exactly.
 """
 import ast
@@ -250,6 +251,7 @@ def build_model(cfg, tok):
 def shard(model_or_none, cfg, rank, device):
     """FSDP2: build an empty copy (same dtypes) on the meta device, shard it per block and at the root, then let
     rank 0's full state dict be broadcast into the shards (so a 7B base is in host memory once, not once per rank)."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     box = [model_or_none.args if rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
@@ -261,9 +263,10 @@ def shard(model_or_none, cfg, rank, device):
     # bf16 compute, fp32 gradient reduction; forward inputs are not cast, so the RoPE angles stay fp32
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False) \
         if bf16(cfg) else MixedPrecisionPolicy()
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))  # the run's device (FSDP2's default: any GPU)
     for block in sharded.layers:
-        fully_shard(block, mp_policy=mp)
-    fully_shard(sharded, mp_policy=mp)
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(sharded, mesh=mesh, mp_policy=mp)
     sharded.to_empty(device=device)
     if args.tie_embeddings:
         sharded.output.weight = sharded.tok_embeddings.weight
@@ -424,6 +427,9 @@ def check(cfg, world):
          "(SimCSE noise, LLM2Vec's value), give --pairs=FILE, or turn SSCL off with --w_sscl=0"),
         (cfg.precision not in ("auto", "bf16", "fp32"),
          f"precision must be 'auto', 'bf16' or 'fp32' (got {cfg.precision!r})"),
+        ("RANK" in os.environ and cfg.lora and bf16(cfg) and torch_version() < (2, 8),
+         f"FSDP2 in torch {torch.__version__} needs one dtype per block, but a bf16 base under fp32 LoRA adapters has "
+         "two (torch >= 2.8 allows it): upgrade torch, or train with --precision=fp32"),
         (cfg.merged_dtype not in MERGED_DTYPES, f"merged_dtype must be one of {list(MERGED_DTYPES)} "
                                                  f"(got {cfg.merged_dtype!r})"),
         (cfg.init_from != "scratch" and not Path(cfg.init_from).exists(),
@@ -433,6 +439,10 @@ def check(cfg, world):
     ] if bad]
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def torch_version():
+    return tuple(int(part) for part in torch.__version__.split(".")[:2])
 
 
 @contextlib.contextmanager
@@ -525,6 +535,9 @@ def train(cfg, out, rank, world, device):
     sharded = dist.is_initialized()  # under torchrun FSDP2 shards even one process: one GPU tests the multi-GPU path
     model = shard(full, cfg, rank, device) if sharded else full.to(device)
     model.checkpoint_activations = cfg.activation_checkpointing
+    if rank == 0:
+        print(f"{f'FSDP2 (world size {world})' if sharded else 'one process'} on {device}, "
+              f"{'bf16 compute' if bf16(cfg) else 'fp32'}", file=sys.stderr)
     magnet = Magnet(model.train(), tok, cfg.w_mntp, cfg.w_msg, cfg.w_sscl, cfg.temperature, cfg.pooling,
                     cfg.instruction, sscl_dropout=0.0 if pairs else cfg.sscl_dropout)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,

@@ -30,7 +30,8 @@ def setup(tmp_path_factory):
     save_checkpoint(base, d / "base")
     shutil.copyfile(tok.path, d / "base" / "tokenizer.model")
     return d, [f"--init_from={d / 'base'}", f"--data={corpus}", f"--pairs={pairs}", f"--cache_dir={d / 'cache'}",
-               "--batch_size=4", "--seq_len=48", "--sscl_len=16", "--warmup_iters=2", "--lr=1e-2", "--demo=false"]
+               "--batch_size=4", "--seq_len=48", "--sscl_len=16", "--warmup_iters=2", "--lr=1e-2", "--demo=false",
+               "--device=cpu"]  # also on a machine with a GPU
 
 
 def losses(out):
@@ -77,6 +78,7 @@ def test_torchrun_one_and_two_processes_match_one_process(setup):
                                str(ROOT / "train.py")] + args + [f"--out_dir={out}", f"--cache_dir={cache}"],
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"FSDP2 (world size {n}) on cpu, fp32" in proc.stderr
         sharded = losses(out)
         assert len(sharded) == 4
         for a, b in zip(one, sharded):
@@ -116,6 +118,19 @@ def test_bf16_mixed_precision_on_a_cpu(setup):
     merge_lora(ref)
     for k, v in load_checkpoint(d / "bf16" / "merged").state_dict().items():
         assert torch.allclose(v, ref.state_dict()[k], rtol=0, atol=1e-6), k
+
+
+def test_fsdp2_before_torch_2_8_refuses_a_bf16_base_under_fp32_adapters(monkeypatch):
+    """FSDP2 before torch 2.8 rejects a block whose parameters have two dtypes, at the first forward, deep inside
+    FSDP: under torchrun train.py says so before anything runs, with the two ways out."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(torch, "__version__", "2.7.1+cu126")
+    bf16 = train.parse_config(["--precision=bf16"])
+    with pytest.raises(train.ConfigError, match=r"torch 2\.7\.1\+cu126 needs one dtype per block.*--precision=fp32"):
+        train.check(bf16, 1)
+    train.check(train.parse_config(["--precision=fp32"]), 1)  # one dtype throughout
+    monkeypatch.setattr(torch, "__version__", "2.8.0")
+    train.check(bf16, 1)
 
 
 def test_resume_replays_the_uninterrupted_run(setup):
@@ -411,6 +426,9 @@ def test_the_prepared_gpu_check_runs(tmp_path):
     assert step["tokens_per_s"] > 0 and step["mfu_percent"] > 0
     assert (out / "bench_vs_hf.json").exists()
     assert "every check passed" in proc.stdout
-    fsdp, plain = (out / "train_7b_log.md").read_text(), (out / "train_plain_log.md").read_text()
+    fsdp, resumed, plain = ((out / f"train_{run}.md").read_text() for run in ("7b", "resume", "plain"))
     assert all(f"step {i}:" in fsdp for i in range(5)) and "step 5:" not in fsdp  # stopped at stop_at=5
+    assert all(f"step {i}:" in resumed for i in range(4))
+    assert "FSDP2 (world size 1)" in (out / "train_resumed.log").read_text()
+    assert (tmp_path / "run" / "resume" / "merged" / "params.json").exists()  # the resumed run exported
     assert all(f"step {i}:" in plain for i in range(3)) and "step 3:" not in plain
