@@ -314,7 +314,7 @@ def test_setting_c_recipe_runs_a_few_steps(smollm2, tmp_path):
     pairs.write_text("".join(shared_file("data/snli/entailment_pairs.tsv").read_text().splitlines(True)[:40]))
     tiny = [f"--init_from={smollm2}", f"--tokenizer={smollm2 / 'tokenizer.json'}", f"--data={text}",
             f"--pairs={pairs}", "--batch_size=2", "--seq_len=32", "--sscl_len=16", "--max_iters=2",
-            "--warmup_iters=1", "--demo=false", f"--cache_dir={tmp_path / 'cache'}"]
+            "--warmup_iters=1", "--demo=false", f"--cache_dir={tmp_path / 'cache'}", "--device=cpu"]
     assert train.main([str(ROOT / "config/smollm2.py"), *tiny, f"--out_dir={tmp_path / 'mntp'}", "--max_spans=0",
                        "--p_causal=0.0", "--w_msg=0.0", "--w_sscl=0.0"]) == 0
     merged = tmp_path / "mntp" / "merged"
