@@ -408,6 +408,10 @@ NON_NEGATIVE = ("min_lr", "warmup_iters", "weight_decay", "spike_factor", "pretr
                 "n_kv_heads", "w_mntp", "w_msg", "w_sscl")
 
 
+def torch_version():
+    return tuple(int(part) for part in torch.__version__.split(".")[:2])
+
+
 def check(cfg, world):
     """Reject a bad configuration before anything is trained or overwritten."""
     problems = [f"{k} must be > 0 (got {getattr(cfg, k)})" for k in POSITIVE if not getattr(cfg, k) > 0]
@@ -439,10 +443,6 @@ def check(cfg, world):
     ] if bad]
     if problems:
         raise ConfigError("; ".join(problems))
-
-
-def torch_version():
-    return tuple(int(part) for part in torch.__version__.split(".")[:2])
 
 
 @contextlib.contextmanager
