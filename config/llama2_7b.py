@@ -3,7 +3,7 @@ GPUs, activation checkpointing. Run with
     torchrun --standalone --nproc_per_node=8 train.py config/llama2_7b.py --init_from=/path/to/llama-2-7b \
         --tokenizer=/path/to/tokenizer.model --data=/path/to/wikitext-103-raw/wiki.train.raw
 (Meta's download keeps tokenizer.model beside the llama-2-7b directory, not in it.) batch_size is rows per micro-step over all GPUs (8 x 4);
-with grad_accum = 4 a step sees 128 rows of 513 tokens.
+with grad_accum = 4 a step sees 128 rows of 513 tokens. FSDP2 with a bf16 base under fp32 adapters needs torch >= 2.8.
 SSCL positives: Wikitext has no pairs, so a passage's positive is itself under SimCSE noise, attention dropout 0.3
 (LLM2Vec's Llama-2 SimCSE value) in the SSCL forward only; --pairs=FILE gives paraphrase / entailment positives.
 The merged export is float32 (27 GB): folding the adapter into bf16 weights would round most of it away. Evaluate
