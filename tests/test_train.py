@@ -42,6 +42,18 @@ def run_main(argv):
     assert train.main(argv) == 0
 
 
+def fresh_env(**extra):
+    """This environment without the RANK variables of a torchrun that may be running these tests, plus extra."""
+    return {**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}, **extra}
+
+
+def torchrun(n, argv, timeout=300):
+    """train.py under torchrun with n gloo processes."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+                           str(ROOT / "train.py")] + argv, cwd=ROOT, env=fresh_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
 def test_config_file_and_overrides(tmp_path):
     cfg_file = tmp_path / "c.py"
     cfg_file.write_text('"""doc"""\nlr = 1e-4  # a comment\nlora = False\nmax_iters = 7\n')
@@ -70,13 +82,10 @@ def test_torchrun_one_and_two_processes_match_one_process(setup):
     run_main(args + [f"--out_dir={d / 'one'}"])
     one = losses(d / "one")
     assert len(one) == 4 and one[-1]["total"] < one[0]["total"]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     tokens = torch.randint(0, 256, (2, 20))
     for n in (1, 2):
         out, cache = d / f"torchrun{n}", d / f"cache{n}"
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-                               str(ROOT / "train.py")] + args + [f"--out_dir={out}", f"--cache_dir={cache}"],
-                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        proc = torchrun(n, args + [f"--out_dir={out}", f"--cache_dir={cache}"])
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert f"FSDP2 (world size {n}) on cpu, fp32" in proc.stderr
         sharded = losses(out)
@@ -99,10 +108,7 @@ def test_bf16_mixed_precision_on_a_cpu(setup):
     args = common + ["--max_iters=3", "--lora_dropout=0.0", "--lr=1e-3"]
     run_main(args + ["--precision=fp32", f"--out_dir={d / 'fp32'}"])
     run_main(args + ["--precision=bf16", f"--out_dir={d / 'bf16'}"])
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(ROOT / "train.py")] + args + ["--precision=bf16", f"--out_dir={d / 'bf16_fsdp'}"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = torchrun(2, args + ["--precision=bf16", f"--out_dir={d / 'bf16_fsdp'}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     keys = ("mntp", "msg", "sscl", "grad_norm")
     fp32 = [[r[k] for k in keys] for r in losses(d / "fp32")]
@@ -154,10 +160,7 @@ def test_a_run_resumes_on_more_processes(setup):
     run_main(args + [f"--out_dir={d / 'whole'}"])
     run_main(args + ["--stop_at=3", f"--out_dir={d / 'moved'}"])
     first_half = (d / "moved" / "log.jsonl").read_text()
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(ROOT / "train.py")] + args + ["--resume=true", f"--out_dir={d / 'moved'}"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = torchrun(2, args + ["--resume=true", f"--out_dir={d / 'moved'}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     whole, moved = losses(d / "whole"), losses(d / "moved")
     assert [r["step"] for r in moved] == list(range(6))
@@ -397,10 +400,7 @@ def test_bad_files_name_themselves(setup, tmp_path, capsys):
 
 def test_torchrun_reports_a_configuration_error_once(setup):
     d, common = setup
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(ROOT / "train.py")] + common + ["--lr=-1", f"--out_dir={d / 'tr'}"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    proc = torchrun(2, common + ["--lr=-1", f"--out_dir={d / 'tr'}"], timeout=120)
     assert proc.returncode != 0 and proc.stderr.count("lr must be > 0") == 1, proc.stderr[-2000:]
 
 
@@ -418,9 +418,9 @@ def test_simcse_noise_only_when_sscl_has_no_pairs(setup, monkeypatch):
 def test_the_prepared_gpu_check_runs(tmp_path):
     """gpu_check.sh (README "GPU") at tiny shapes on the CPU: every step runs and writes its results, so a session
     with a GPU does not spend its few minutes on a broken script."""
-    out, env = tmp_path / "out", {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    out = tmp_path / "out"
     proc = subprocess.run(["bash", str(ROOT / "gpu_check.sh"), str(out)], cwd=ROOT, capture_output=True, text=True,
-                          env=dict(env, DEVICE="cpu", QUICK="1", RUN_DIR=str(tmp_path / "run")), timeout=300)
+                          env=fresh_env(DEVICE="cpu", QUICK="1", RUN_DIR=str(tmp_path / "run")), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     step = json.loads((out / "bench_7b.json").read_text())["results"]["magnet"][0]
     assert step["tokens_per_s"] > 0 and step["mfu_percent"] > 0
