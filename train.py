@@ -408,10 +408,6 @@ NON_NEGATIVE = ("min_lr", "warmup_iters", "weight_decay", "spike_factor", "pretr
                 "n_kv_heads", "w_mntp", "w_msg", "w_sscl")
 
 
-def torch_version():
-    return tuple(int(part) for part in torch.__version__.split(".")[:2])
-
-
 def check(cfg, world):
     """Reject a bad configuration before anything is trained or overwritten."""
     problems = [f"{k} must be > 0 (got {getattr(cfg, k)})" for k in POSITIVE if not getattr(cfg, k) > 0]
@@ -431,7 +427,7 @@ def check(cfg, world):
          "(SimCSE noise, LLM2Vec's value), give --pairs=FILE, or turn SSCL off with --w_sscl=0"),
         (cfg.precision not in ("auto", "bf16", "fp32"),
          f"precision must be 'auto', 'bf16' or 'fp32' (got {cfg.precision!r})"),
-        ("RANK" in os.environ and cfg.lora and bf16(cfg) and torch_version() < (2, 8),
+        ("RANK" in os.environ and cfg.lora and bf16(cfg) and tuple(map(int, torch.__version__.split(".")[:2])) < (2, 8),
          f"FSDP2 in torch {torch.__version__} needs one dtype per block, but a bf16 base under fp32 LoRA adapters has "
          "two (torch >= 2.8 allows it): upgrade torch, or train with --precision=fp32"),
         (cfg.merged_dtype not in MERGED_DTYPES, f"merged_dtype must be one of {list(MERGED_DTYPES)} "
