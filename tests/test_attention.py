@@ -1,6 +1,7 @@
 """The hybrid mask (DESIGN §3): its rule re-derived by loops, its semantics through the public forward, and the
 agreement of the fused `sdpa` path with the `math` reference (values and gradients)."""
 import itertools
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -112,6 +113,10 @@ def test_all_span_is_a_plain_causal_lm(backend):
     tokens = torch.randint(0, 61, (2, 12))
     full = model(tokens, torch.full((2, 12), SPAN))
     assert torch.equal(full, model(tokens))  # roles=None means all SPAN
+    # all SPAN = a plain causal LM: equal to the same model run through an explicit lower-triangular mask
+    causal = torch.ones(12, 12, dtype=torch.bool).tril().expand(2, 1, 12, 12)  # (B, 1, T, T): j <= i
+    with patch("model.plan_attention", lambda *a, **k: (causal, False)):
+        assert torch.allclose(model(tokens), full, atol=1e-5)
     # causal: the output at t depends only on tokens <= t, so a prefix gives the same outputs
     assert torch.allclose(model(tokens[:, :5]), full[:, :5], atol=1e-5)
     # and the fast path (is_causal) equals the explicit mask: one padded row forces the mask for the batch

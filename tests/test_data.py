@@ -16,12 +16,26 @@ def test_span_sampling_invariants_over_many_seeds():
     for _ in range(3000):
         n, max_spans = int(rng.integers(1, 80)), int(rng.integers(0, 5))
         lo = int(rng.integers(1, 10))
-        spans = sample_spans(n, rng, max_spans, lo, lo + int(rng.integers(0, 30)))
+        hi = lo + int(rng.integers(0, 30))
+        spans = sample_spans(n, rng, max_spans, lo, hi)
         assert len(spans) <= max_spans and (n < 2 or max_spans == 0 or spans)
         for s, e in spans:
-            assert 1 <= s < e <= n  # never BOS, inside the row
+            assert 1 <= s < e <= n and e - s <= hi  # never BOS, inside the row, never longer than span_max
+            if (n - 1) // 2 >= max_spans * hi:  # room for every span at full length: none is clipped
+                assert e - s >= lo
         for (_, e1), (s2, _) in zip(spans, spans[1:]):
             assert s2 >= e1 + 1  # no overlap, at least one context token between spans
+        assert sum(e - s for s, e in spans) <= max(len(spans), (n - 1) // 2)  # spans take about half the row at most
+
+
+def test_span_counts_and_lengths_are_uniform_on_long_rows():
+    """DESIGN §4's defaults at seq_len 512: 1..3 spans, each 8..32 tokens, both uniform (no clipping at this size)."""
+    rng = np.random.default_rng(0)
+    draws = [sample_spans(513, rng, 3, 8, 32) for _ in range(3000)]
+    counts = np.bincount([len(spans) for spans in draws], minlength=4)[1:]
+    lengths = np.array([e - s for spans in draws for s, e in spans])
+    assert np.abs(counts / len(draws) - 1 / 3).max() < 0.03  # 3 sigma of a share of 3000 is ~0.026
+    assert lengths.min() == 8 and lengths.max() == 32 and abs(lengths.mean() - 20) < 0.4  # sd 7.2 / sqrt(~6000)
 
 
 def test_view_a_invariants_over_many_seeds(toy_corpus):
