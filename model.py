@@ -474,6 +474,7 @@ def load_checkpoint(path, device="cpu", dtype=None, vocab_size=None, **overrides
         model.output.weight = model.tok_embeddings.weight
     if dtype is None:
         dtype = torch.float32 if torch.device(device).type == "cpu" else state["tok_embeddings.weight"].dtype
+    del state  # merged shards live in RAM: drop them so each is freed as soon as the model has converted it
     return model.to(device=device, dtype=dtype)
 
 
@@ -489,11 +490,12 @@ def merged_state_dict(model: Transformer, dtype=None):
     """The base state dict with every LoRA update folded into its weight (adapter keys dropped), on the CPU, in
     `dtype` (default: the model's). The sum is formed in fp32; casting it to bf16 loses most of a small update
     (bf16 keeps 8 bits of mantissa: an update of ~0.2% of a weight is mostly rounded away)."""
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items() if "lora_" not in k}
+    dtype = dtype or model.tok_embeddings.weight.dtype
+    state = {k: v.detach().cpu().to(dtype) for k, v in model.state_dict().items() if "lora_" not in k}
     for name, m in model.named_modules():
-        if isinstance(m, LoRALinear) and not m.merged:
-            state[f"{name}.weight"] = (m.weight.float() + m.delta()).detach().cpu()
-    return {k: v.to(dtype or model.tok_embeddings.weight.dtype) for k, v in state.items()}
+        if isinstance(m, LoRALinear) and not m.merged:  # cast each sum at once: one fp32 matrix alive at a time
+            state[f"{name}.weight"] = (m.weight.float() + m.delta()).detach().cpu().to(dtype)
+    return state
 
 
 def save_checkpoint(model: Transformer, directory, overwrite=False, dtype=None):

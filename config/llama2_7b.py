@@ -7,7 +7,8 @@ with grad_accum = 4 a step sees 128 rows of 513 tokens. FSDP2 with a bf16 base u
 SSCL positives: Wikitext has no pairs, so a passage's positive is itself under SimCSE noise, attention dropout 0.3
 (LLM2Vec's Llama-2 SimCSE value) in the SSCL forward only; --pairs=FILE gives paraphrase / entailment positives.
 The merged export is float32 (27 GB): folding the adapter into bf16 weights would round most of it away. Evaluate
-with --ckpt=llama-2-7b::out-llama2-7b/adapter.pt (exact, bf16 base + fp32 adapter) or the float32 merge."""
+with --ckpt=llama-2-7b::out-llama2-7b/adapter.pt (base and adapter apart, both
+bf16 on a GPU: the adapter's own matrices rounded, not the update against the weight) or the float32 merge."""
 out_dir = "out-llama2-7b"
 init_from = "llama-2-7b"
 data = "wikitext-103-raw/wiki.train.raw"
