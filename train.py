@@ -149,7 +149,7 @@ def parse_config(argv):
                 raise ConfigError(f"{where}: expected `key = literal`")
             try:
                 value = ast.literal_eval(node.value)
-            except ValueError:
+            except (ValueError, TypeError):
                 raise ConfigError(f"{where}: expected `key = literal`") from None
             set_key(node.targets[0].id, value, where)
     return cfg
@@ -160,6 +160,9 @@ def parse_config(argv):
 
 def setup_distributed(cfg):
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
+        raise ConfigError(f"device={cfg.device}: expected auto, cpu or cuda" +
+                          (" (this torch sees no CUDA GPU)" if device == "cuda" else ""))
     if "RANK" not in os.environ:
         return 0, 1, torch.device(device)
     # a long timeout: rank 0 alone tokenizes a new corpus (minutes for Wikitext-103) while the others wait
@@ -326,6 +329,12 @@ def train_step(magnet, opt, corpus, pairs, cfg, step, rank, world, max_total=mat
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints (distributed checkpoint of the trainable state + optimizer) and exports
 
+def dcp_error(e):
+    """What went wrong in a DCP save/load: it wraps each rank's exception in a CheckpointException."""
+    e = next(iter(e.failures.values()), (e,))[0] if isinstance(e, dcp.CheckpointException) else e  # (error, stack)
+    return f"{type(e).__name__}: {e}"[:300] if str(e) else type(e).__name__
+
+
 def save_state(out, model, opt, step, rank):
     """DCP to ckpt.tmp, then swap it in: a crash at any moment leaves ckpt (or ckpt.old) complete and loadable."""
     msd, osd = get_state_dict(model, opt, options=StateDictOptions(ignore_frozen_params=True))
@@ -334,7 +343,11 @@ def save_state(out, model, opt, step, rank):
         shutil.rmtree(tmp)
     barrier()
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process: fine
-    dcp.save({"model": msd, "optim": osd, "step": step}, checkpoint_id=tmp)
+    try:
+        dcp.save({"model": msd, "optim": osd, "step": step}, checkpoint_id=tmp)
+    except (Exception, dcp.CheckpointException) as e:  # a full disk: DCP says only "unexpected pos"
+        raise TrainingError(f"{tmp}: writing the checkpoint of step {step} failed ({dcp_error(e)}); is the disk "
+                            f"full? The previous checkpoint, if any, is intact in {final}") from None
     barrier()
     if rank == 0:
         if final.exists():
@@ -346,15 +359,28 @@ def save_state(out, model, opt, step, rank):
 
 
 def load_state(out, model, opt):
-    path = next((p for p in (out / "ckpt", out / "ckpt.old") if (p / ".metadata").exists()), None)
-    if path is None:
-        raise ConfigError(f"--resume: no checkpoint in {out} (expected {out / 'ckpt'})")
-    msd, osd = get_state_dict(model, opt, options=StateDictOptions(ignore_frozen_params=True))
-    state = {"model": msd, "optim": osd, "step": 0}
-    dcp.load(state, checkpoint_id=path)  # every trainable key must be in the checkpoint
-    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                   options=StateDictOptions(strict=False))  # the frozen base is not in it: it comes from init_from
-    return state["step"]
+    """The step to continue from: the newest loadable checkpoint (ckpt, else ckpt.old); 0 when the run stopped
+    before its first one."""
+    paths = [p for p in (out / "ckpt", out / "ckpt.old") if (p / ".metadata").exists()]
+    if not paths:
+        print(f"--resume: {out} has no checkpoint yet; starting from step 0", file=sys.stderr)
+        return 0
+    failures = []
+    for path in paths:
+        msd, osd = get_state_dict(model, opt, options=StateDictOptions(ignore_frozen_params=True))
+        state = {"model": msd, "optim": osd, "step": 0}
+        try:
+            dcp.load(state, checkpoint_id=path)  # every trainable key must be in the checkpoint
+        except (Exception, dcp.CheckpointException) as e:  # damaged, or made for another model
+            failures.append(f"{path}: {dcp_error(e)}")
+            continue
+        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=StateDictOptions(strict=False))  # the frozen base is not in it: it comes from init_from
+        if failures:
+            print(f"--resume: {failures[0]}; continuing from {path} instead", file=sys.stderr)
+        return state["step"]
+    raise ConfigError("--resume: no checkpoint of this run can be loaded (damaged, or made for another model): "
+                      + "; ".join(failures) + ". --overwrite=true starts the run over")
 
 
 def export(out, model, full_model, tok, cfg, rank):
@@ -412,6 +438,8 @@ def check(cfg, world):
     """Reject a bad configuration before anything is trained or overwritten."""
     problems = [f"{k} must be > 0 (got {getattr(cfg, k)})" for k in POSITIVE if not getattr(cfg, k) > 0]
     problems += [f"{k} must be >= 0 (got {getattr(cfg, k)})" for k in NON_NEGATIVE if not getattr(cfg, k) >= 0]
+    problems += [f"{k} must be a finite number (got {v})" for k, v in asdict(cfg).items()
+                 if isinstance(v, float) and not math.isfinite(v)]
     problems += [f"{k} must be in [0, 1) (got {getattr(cfg, k)})" for k in ("dropout", "lora_dropout", "sscl_dropout")
                  if not 0 <= getattr(cfg, k) < 1]
     problems += [msg for bad, msg in [
@@ -459,6 +487,10 @@ def hold(out, cfg, rank, world):
         if backup.exists():
             raise ConfigError(f"{backup} holds the run that an interrupted --overwrite was replacing: move it back "
                               f"to {out} or delete it")
+        ours = (out / "log.jsonl").exists() or (out / "base.lock").exists()  # base.lock: a two-phase run's phase 1
+        if out.exists() and not cfg.overwrite and (not out.is_dir() or (not ours and any(out.iterdir()))):
+            raise ConfigError(f"{out} exists and is not a train.py run; pass --overwrite=true to replace it (it is "
+                              "kept until the new run has finished), or another --out_dir")
         if (out / "log.jsonl").exists() and not (cfg.resume or cfg.overwrite):
             raise ConfigError(f"{out} already holds a run; pass --resume=true to continue it, --overwrite=true to "
                               "start over, or another --out_dir")
@@ -556,7 +588,7 @@ def train(cfg, out, rank, world, device):
                 losses, tokens = train_step(magnet, opt, corpus, pairs, cfg, step, rank, world, max_total)
         except TrainingError as e:
             hint = (f"The checkpoint of step {saved} is intact: --resume=true continues from it (perhaps with a "
-                    "lower --lr)" if saved else "No checkpoint was written yet: try a lower --lr")
+                    "lower --lr)" if saved else "No checkpoint was written yet: --resume=true starts again from step 0 (perhaps with a lower --lr)")
             raise TrainingError(f"{e}. {hint}") from None
         recent = (recent + [losses["total"]])[-50:]
         if rank == 0:
@@ -595,7 +627,10 @@ def main(argv):
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
-    except (ConfigError, CheckpointError, TrainingError, FileNotFoundError, FileExistsError, ValueError) as e:
+    except KeyboardInterrupt:
+        print("interrupted: --resume=true continues from the last checkpoint", file=sys.stderr)
+        return 130
+    except (ConfigError, CheckpointError, TrainingError, OSError, ValueError) as e:
         rank = int(os.environ.get("RANK", 0))
         if rank == 0 or not isinstance(e, (ConfigError, TrainingError)):  # those two every rank raises alike
             print(f"error: {e}" if rank == 0 else f"error on rank {rank}: {e}", file=sys.stderr)

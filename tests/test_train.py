@@ -252,6 +252,8 @@ def test_a_crash_during_save_keeps_the_previous_checkpoint(setup, monkeypatch):
     (["--sscl_dropout=1.0"], "sscl_dropout must be in [0, 1)"),
     (["--merged_dtype=float16"], "merged_dtype must be one of ['float32', 'bfloat16']"),
     (["--precision=fp16"], "precision must be 'auto', 'bf16' or 'fp32' (got 'fp16')"),
+    (["--device=foo"], "device=foo: expected auto, cpu or cuda"),
+    (["--lr=inf"], "lr must be a finite number (got inf)"),
 ])
 def test_bad_input_exits_nonzero_with_a_clear_error(setup, capsys, bad, message):
     d, common = setup
@@ -301,6 +303,15 @@ def test_an_existing_run_is_never_overwritten(setup, capsys):
     assert (out / "log.jsonl").read_text() == before
     run_main(common + ["--max_iters=3", "--stop_at=1", "--overwrite=true", f"--out_dir={out}"])
     assert len(losses(out)) == 1 and not (out / "merged").exists() and not (out / "adapter.pt").exists()
+    # a directory (or file) that is not a run of train.py, e.g. a Hugging Face model's, is not written into either
+    foreign = d / "hf-model"
+    foreign.mkdir()
+    (foreign / "config.json").write_text('{"model_type": "llama"}')
+    (d / "a-file").write_text("mine")
+    for target in (foreign, d / "a-file"):
+        assert train.main(common + ["--max_iters=2", f"--out_dir={target}"]) == 1
+        assert "is not a train.py run; pass --overwrite=true" in capsys.readouterr().err
+    assert [p.name for p in foreign.iterdir()] == ["config.json"] and (d / "a-file").read_text() == "mine"
 
 
 def snapshot(out):
@@ -345,13 +356,52 @@ def test_a_run_that_fails_midway_puts_the_replaced_run_back(setup, capsys, monke
     assert "No checkpoint was written yet" in err and f"the run this one was replacing is back in {out}" in err
     assert snapshot(out) == before and not (d / "replaced.replaced").exists()
     monkeypatch.setattr(train, "train_step", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
-    with pytest.raises(KeyboardInterrupt):  # Ctrl-C too
-        train.main(common + ["--max_iters=4", "--overwrite=true", f"--out_dir={out}"])
+    assert train.main(common + ["--max_iters=4", "--overwrite=true", f"--out_dir={out}"]) == 130  # Ctrl-C too
+    assert "interrupted: --resume=true continues" in capsys.readouterr().err
     assert snapshot(out) == before
     # killed outright during an overwrite: the old run waits in OUT.replaced, and the next run says so
     out.rename(d / "replaced.replaced")
     assert train.main(common + ["--max_iters=2", "--overwrite=true", f"--out_dir={out}"]) == 1
     assert "replaced.replaced holds the run that an interrupted --overwrite was replacing" in capsys.readouterr().err
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_resumes_from_step_0(setup, capsys, monkeypatch):
+    d, common = setup
+    out = d / "early-failure"
+    real = train.train_step
+    monkeypatch.setattr(train, "train_step", lambda *a: (_ for _ in ()).throw(train.TrainingError("spike"))
+                        if a[5] == 1 else real(*a))
+    assert train.main(common + ["--max_iters=3", f"--out_dir={out}"]) == 1
+    assert "--resume=true starts again from step 0" in capsys.readouterr().err and len(losses(out)) == 1
+    monkeypatch.undo()
+    run_main(common + ["--max_iters=3", "--resume=true", f"--out_dir={out}"])
+    assert "has no checkpoint yet; starting from step 0" in capsys.readouterr().err
+    assert [r["step"] for r in losses(out)] == [0, 1, 2] and (out / "adapter.pt").exists()
+
+
+def test_damaged_checkpoints_fall_back_to_the_older_one_or_say_so(setup, capsys, monkeypatch):
+    d, common = setup
+    out = d / "damaged"
+    run_main(common + ["--max_iters=4", "--stop_at=2", f"--out_dir={out}"])
+    shutil.copytree(out / "ckpt", out / "ckpt.old")  # as left by a kill between save_state's two renames
+    cfg = train.parse_config(common + [f"--out_dir={out}"])
+    tok, _, _ = train.setup_data(cfg, out, write=True)
+    model = train.build_model(cfg, tok)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    shard = next((out / "ckpt").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated
+    assert train.load_state(out, model, opt) == 2
+    assert "ckpt: EOFError; continuing from" in capsys.readouterr().err
+    shard = next((out / "ckpt.old").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    assert train.main(common + ["--max_iters=4", "--resume=true", f"--out_dir={out}"]) == 1
+    err = capsys.readouterr().err
+    assert "error: --resume: no checkpoint of this run can be loaded" in err and "Traceback" not in err
+    # a failed write (e.g. a full disk) names the checkpoint and what is still intact
+    monkeypatch.setattr("torch.distributed.checkpoint.save", lambda *a, **k: (_ for _ in ()).throw(
+        OSError(28, "No space left on device")))
+    with pytest.raises(train.TrainingError, match=r"ckpt.tmp: writing the checkpoint of step 3 failed \(OSError"):
+        train.save_state(out, model, opt, 3, rank=0)
 
 
 def test_one_process_per_run_directory_and_damaged_logs(setup, capsys):
