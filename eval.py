@@ -139,6 +139,8 @@ def row_nll(m: Magnet, rows, batch_size=16):
 
 def perplexity(nll):
     """exp(mean NLL per target token) of row_nll's (sum, count) pairs."""
+    if not sum(c for _, c in nll):
+        raise EvalError("no held-out passage is long enough to score (see --max_len and --gap)")
     return float(np.exp(sum(s for s, _ in nll) / sum(c for _, c in nll)))
 
 
@@ -235,6 +237,8 @@ def blank_metrics(m, cfg):
 def suite_repetition(m, cfg):
     scores = dict(rep_2=[], rep_3=[], rep_4=[], rep_sen=[])
     passages = [p for p in limited(held_out_passages(cfg, m.tok), cfg) if len(p) > cfg.prefix_len]
+    if not passages:
+        raise EvalError(f"no held-out passage is longer than prefix_len={cfg.prefix_len} tokens")
     for p in tqdm(passages, desc="repetition", leave=False):
         text = m.generate(m.tok.decode(p[1:cfg.prefix_len]), cfg.cont_len)
         ids = m.tok.encode(text)
@@ -372,12 +376,20 @@ SUITE_FUNCTIONS = dict(ppl=suite_ppl, infill=suite_infill, repetition=suite_repe
 ENCODER_OPTIONS = {"pooling": ("last", "mean"), "attention": ("bidirectional", "causal")}
 
 
+def split_spec(spec):
+    """--ckpt=[NAME=]PATH[::ADAPTER][#key=value,...] -> (name, path, options); the name defaults to the spec."""
+    spec, _, extra = spec.partition("#")
+    name, _, path = spec.partition("=") if "=" in spec else (spec, "", spec)
+    return name, path, extra
+
+
 def load(spec, cfg):
     """--ckpt=[NAME=]PATH[::ADAPTER][#key=value,...]: options for how this model encodes text (ENCODER_OPTIONS),
     e.g. a causal base read causally with mean pooling: base=PATH#attention=causal,pooling=mean."""
-    spec, _, extra = spec.partition("#")
-    name, _, path = spec.partition("=") if "=" in spec else (spec, "", spec)
-    base, _, adapter = path.partition("::")
+    name, path, extra = split_spec(spec)
+    base, sep, adapter = path.partition("::")
+    if not base or (sep and not adapter):
+        raise EvalError(f"--ckpt={spec}: expected [name=]PATH or [name=]BASE::ADAPTER, with no empty part")
     options = dict(pooling=cfg.pooling) if cfg.pooling else {}  # else the model's own (and always its instruction)
     for item in filter(None, extra.split(",")):
         key, _, value = item.partition("=")
@@ -441,6 +453,14 @@ def parse(argv):
     unknown = set(cfg.suite.split(",")) - set(SUITES)
     if unknown or not ckpts:
         raise EvalError(f"need --ckpt=... and suites among {SUITES} (unknown: {sorted(unknown)})")
+    bad = [f"{k}={getattr(cfg, k)}" for k, least in dict(limit=0, probe_train=0, seed=0, max_len=2, gap=1, max_gap=1,
+                                                         prefix_len=1, cont_len=1).items() if getattr(cfg, k) < least]
+    if bad or cfg.device not in ("cpu", "cuda") or (cfg.device == "cuda" and not torch.cuda.is_available()):
+        raise EvalError(f"out of range: {', '.join(bad) or f'device={cfg.device}'} (limit, probe_train and seed >= 0, "
+                        "max_len >= 2, the other lengths >= 1; device cpu, or cuda when torch sees a GPU)")
+    names = [split_spec(spec)[0] for spec in ckpts]
+    if len(set(names)) < len(names):
+        raise EvalError(f"two --ckpt have the same name ({names}); name them: --ckpt=NAME=PATH")
     return cfg, ckpts
 
 
@@ -459,8 +479,7 @@ def provenance():
 
 def run_config(spec):
     """The train.py config.json beside a checkpoint's adapter (or merged export), if there is one."""
-    spec = spec.partition("#")[0]
-    path = spec.partition("=")[2] or spec
+    path = split_spec(spec)[1]
     where = Path(path.partition("::")[2] or path).parent
     return json.loads((where / "config.json").read_text()) if (where / "config.json").is_file() else None
 
@@ -469,6 +488,8 @@ def main(argv):
     try:
         cfg, ckpts = parse(argv)
         out = Path(cfg.out)
+        if out.is_dir():
+            raise EvalError(f"--out={cfg.out} is a directory; expected the path of a JSON file")
         if not out.parent.is_dir():  # before hours of evaluation, not after
             raise EvalError(f"--out={out}: directory {out.parent} does not exist")
         if out.exists() and not cfg.overwrite:

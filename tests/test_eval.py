@@ -256,3 +256,20 @@ def test_checkpoint_options_set_how_a_model_encodes(tiny_ckpt):
     assert ev.run_config(f"base={tiny_ckpt}#attention=causal") is None  # the options are not part of the path
     with pytest.raises(ev.EvalError, match="attention=causal"):
         ev.load(f"{tiny_ckpt}#attention=sideways", ev.EvalConfig())
+
+
+def test_bad_options_fail_before_any_evaluation(tiny_ckpt, tmp_path, capsys):
+    out = f"--out={tmp_path / 'r.json'}"
+    for argv, message in (
+        ([f"--ckpt=a={tiny_ckpt}", f"--ckpt=a={tiny_ckpt}", out], "two --ckpt have the same name"),
+        ([f"--ckpt={tiny_ckpt}::", out], "with no empty part"),
+        ([f"--ckpt={tiny_ckpt}", f"--out={tmp_path}"], "is a directory; expected the path of a JSON file"),
+        ([f"--ckpt={tiny_ckpt}", "--gap=0", out], "out of range: gap=0"),
+        ([f"--ckpt={tiny_ckpt}", "--limit=-1", out], "out of range: limit=-1"),
+        ([f"--ckpt={tiny_ckpt}", "--device=foo", out], "out of range: device=foo"),
+        ([f"--ckpt={tiny_ckpt}", "--suite=repetition", "--prefix_len=100000", out], "longer than prefix_len=100000"),
+        ([f"--ckpt={tiny_ckpt}", "--suite=infill", "--gap=100000", "--limit=3", out], "long enough to score"),
+    ):
+        code, res = run(argv + (["--suite=ppl"] if not any(a.startswith("--suite") for a in argv) else []), capsys)
+        assert code == 1 and message in res.err and "Traceback" not in res.err, (argv, res.err)
+        assert not (tmp_path / "r.json").exists()
