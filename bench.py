@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 import data
-from attention import CONTEXT, PAD, SPAN, hybrid_mask
+from attention import BACKENDS, CONTEXT, PAD, SPAN, hybrid_mask
 from magnet import Magnet
 from eval import EvalConfig, blanks, provenance, suite_ppl
 from model import (LoRALinear, ModelArgs, Transformer, apply_lora, load_adapter, load_checkpoint, merged_state_dict,
@@ -377,6 +377,7 @@ def main():
     p.add_argument("--backends", default="sdpa,math")
     p.add_argument("--quick", action="store_true", help="tiny sizes everywhere, 1 timed run")
     p.add_argument("--out", help="also write the results as JSON to this file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)  # internal: one run in a fresh process (see isolated)
     a = p.parse_args()
     if a._child:  # [function name, config]
@@ -384,6 +385,12 @@ def main():
     benches, q = a.bench.split(","), a.quick
     if set(benches) - set(BENCHES):
         p.error(f"--bench: unknown {sorted(set(benches) - set(BENCHES))}; choose from {', '.join(BENCHES)}")
+    if a.out and (Path(a.out).is_dir() or not Path(a.out).parent.is_dir()):  # checked now, not after the runs
+        p.error(f"--out={a.out}: expected a file path in an existing directory")
+    if a.out and Path(a.out).exists() and not a.overwrite:
+        p.error(f"--out={a.out} already exists; pass --overwrite to replace it, or another --out")
+    if min(a.dim, a.n_layers, a.heads, a.batch, a.seq, a.steps) < 1 or set(a.backends.split(",")) - set(BACKENDS):
+        p.error(f"--dim, --n_layers, --heads, --batch, --seq and --steps must be >= 1; --backends among {BACKENDS}")
     if q:
         a.dim, a.n_layers, a.batch, a.seq, a.steps = 128, 2, 2, 128, 1
     config = dict(device=a.device, dtype=a.dtype, dim=a.dim, n_layers=a.n_layers, heads=a.heads, batch=a.batch,
@@ -415,7 +422,9 @@ def main():
         allocator = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}  # glibc tuning, if any was set
         report = dict(provenance=provenance(), config=config, allocator_env=allocator, matmul_readings=readings,
                       results=results)
-        Path(a.out).write_text(json.dumps(report, indent=2))
+        tmp = Path(a.out + ".tmp")  # then renamed: an interrupted write never leaves half a file under --out
+        tmp.write_text(json.dumps(report, indent=2))
+        tmp.replace(a.out)
 
 
 if __name__ == "__main__":

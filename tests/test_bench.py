@@ -1,5 +1,9 @@
 """bench.py's FLOP formulas, the numerators of every MFU in the README, against torch's own count of the matmuls a
-step really runs (torch.utils.flop_counter.FlopCounterMode, forward and backward)."""
+step really runs (torch.utils.flop_counter.FlopCounterMode, forward and backward); and that --out overwrites
+nothing unasked."""
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -54,3 +58,15 @@ def test_lora_step_flops(kv_heads):
     first = model.layers[0].attention
     skipped = 2 * sum(p.weight.numel() + p.lora_A.numel() for p in (first.wq, first.wk, first.wv))
     assert got == B * T * (bench.lora_flops_per_token(model, T, targets / (B * T)) - skipped)
+
+
+def test_out_is_checked_before_the_runs_and_never_replaced_unasked(tmp_path):
+    bench_py = Path(__file__).resolve().parents[1] / "bench.py"
+    mine = tmp_path / "mine.json"
+    mine.write_text("my results")
+    for out, message in ((mine, "already exists; pass --overwrite"),
+                         (tmp_path / "nowhere" / "x.json", "expected a file path in an existing directory")):
+        run = subprocess.run([sys.executable, str(bench_py), "--bench=load", "--quick", f"--out={out}"],
+                             capture_output=True, text=True, timeout=60)
+        assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr, run.stderr
+    assert mine.read_text() == "my results"
