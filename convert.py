@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from data import copy_tokenizer, tokenizer_beside
-from model import CheckpointError, ModelArgs, Transformer
+from data import Tokenizer, copy_tokenizer, tokenizer_beside
+from model import CheckpointError, ModelArgs, Transformer, check_params
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WRITTEN = {"params.json", "consolidated.00.pth", "tokenizer.model", "tokenizer.json", "tokenizer_config.json"}
@@ -180,7 +180,15 @@ def read_hf(directory: Path, dtype, own_tokenizer):
     found = tokenizer_beside(directory)
     if own_tokenizer and not found:
         raise CheckpointError(f"{directory}: no tokenizer.model or tokenizer.json; pass --tokenizer=FILE")
-    c = json.loads(path.read_text())
+    try:
+        c = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    sizes = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+    bad = [k for k in sizes if not isinstance(c, dict) or type(c.get(k)) is not int or c[k] <= 0]
+    if bad:
+        raise CheckpointError(f"{path}: {bad[0]} is {c.get(bad[0]) if isinstance(c, dict) else c!r}; expected a "
+                              "JSON object whose sizes are positive integers")
     rope = c.get("rope_parameters") or {}  # transformers >= 5 keeps rope_theta here
     if c.get("model_type") != "llama" or c.get("rope_scaling") or rope.get("rope_type", "default") != "default" or \
             c.get("attention_bias") or c.get("mlp_bias") or c.get("hidden_act", "silu") != "silu" or \
@@ -228,6 +236,15 @@ def convert(src, out, overwrite=False, dtype="auto", tokenizer=None):
             read_gguf(src, DTYPES.get(dtype, torch.float32), tokenizer is None)
     except KeyError as e:
         raise CheckpointError(f"{src}: its config lacks {e}") from None
+    check_params(params, src)
+    if tokenizer:
+        try:
+            n = Tokenizer(tokenizer).vocab_size
+        except ValueError as e:  # not a tokenizer file at all
+            raise CheckpointError(str(e)) from None
+        if n != params["vocab_size"]:
+            raise CheckpointError(f"--tokenizer={tokenizer}: {n} tokens, but {src} has {params['vocab_size']}; it "
+                                  "must be the model's own")
     if "output.weight" not in state:  # tied: the output layer is the embedding, one tensor saved once
         params["tie_embeddings"], state["output.weight"] = True, state.get("tok_embeddings.weight")
     with torch.device("meta"):  # the shapes params.json implies, checked before anything is written

@@ -16,7 +16,7 @@ import torch
 
 from attention import CONTEXT, PAD, SPAN
 from data import IGNORE, Tokenizer, pad_rows, sscl_views
-from model import KVCache, load_adapter, load_checkpoint
+from model import CheckpointError, KVCache, load_adapter, load_checkpoint
 from objectives import mntp_loss, msg_loss, pool, sscl_loss, token_nll
 
 
@@ -26,10 +26,18 @@ SETTINGS = ("instruction", "pooling")  # how a model was trained to encode: infe
 def read_settings(checkpoint, adapter=None):
     """The SETTINGS a model was trained with: from the adapter file (train.py stores them under "magnet"), else from
     magnet.json beside a merged export; {} for a plain base model."""
-    if adapter is not None:
-        return dict(torch.load(adapter, map_location="cpu", weights_only=True).get("magnet", {}))
     path = Path(checkpoint) / "magnet.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    try:
+        if adapter is not None:
+            path = Path(adapter)
+            settings = torch.load(adapter, map_location="cpu", weights_only=True).get("magnet", {})
+        else:
+            settings = json.loads(path.read_text()) if path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(settings, dict) or set(settings) - set(SETTINGS):
+        raise CheckpointError(f"{path}: expected the settings {SETTINGS} a model was trained with, got {settings!r}")
+    return settings
 
 
 class Magnet:

@@ -7,6 +7,7 @@ checkpoint loads strictly, one to one.
 """
 import json
 import math
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -65,6 +66,7 @@ class ModelArgs:
 
 PARAMS_JSON_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
                       "ffn_dim_multiplier", "norm_eps", "rope_theta", "tie_embeddings")
+INT_PARAMS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -340,8 +342,9 @@ def load_adapter(model, path):
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
         config, state = saved["lora_config"], saved["state_dict"]
-    except (OSError, RuntimeError, KeyError, TypeError, EOFError) as e:
-        raise CheckpointError(f"{path}: not a LoRA adapter file written by save_adapter ({e})") from None
+    except (OSError, RuntimeError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as e:
+        why = "not a PyTorch file" if isinstance(e, pickle.UnpicklingError) else f"{type(e).__name__}: {e}"
+        raise CheckpointError(f"{path}: not a LoRA adapter file written by save_adapter ({why})") from None
     apply_lora(model, **config)
     expected = {k: v.shape for k, v in model.state_dict().items() if "lora_" in k}
     got = {k: v.shape for k, v in state.items()}
@@ -381,6 +384,8 @@ def _read_meta_dir(directory: Path):
         params = json.loads(params_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{params_path}: not valid JSON ({e})") from None
+    if not isinstance(params, dict):
+        raise CheckpointError(f"{params_path}: expected a JSON object of model settings (dim, n_layers, ...)")
     paths = sorted(directory.glob("consolidated.*.pth"))
     expected = [directory / f"consolidated.{i:02d}.pth" for i in range(len(paths))]
     if not paths or paths != expected:
@@ -393,6 +398,9 @@ def _read_meta_dir(directory: Path):
             shards.append(torch.load(p, map_location="cpu", mmap=True, weights_only=True))
         except Exception as e:  # torch raises many types for a damaged file
             raise CheckpointError(f"{p}: cannot be read as a PyTorch state dict ({type(e).__name__}: {e})") from None
+        if not (isinstance(shards[-1], dict) and shards[-1]
+                and all(isinstance(k, str) and torch.is_tensor(v) for k, v in shards[-1].items())):
+            raise CheckpointError(f"{p}: expected a state dict (weight names -> tensors)")
     state = merge_shards(shards, [p.name for p in paths])
     if params.get("vocab_size", -1) <= 0 and "tok_embeddings.weight" in state:
         params["vocab_size"] = state["tok_embeddings.weight"].shape[0]
@@ -439,6 +447,23 @@ def _read_llama2c(path: Path):
     return params, state, str(path), seq_len
 
 
+def check_params(params, source):
+    """params.json values of the right type: positive int sizes (vocab_size -1 = from the weights), positive floats,
+    a bool tie_embeddings; n_kv_heads and ffn_dim_multiplier may be null."""
+    def valid(key, value):
+        if key == "tie_embeddings":
+            return isinstance(value, bool)
+        if value is None:
+            return key in ("n_kv_heads", "ffn_dim_multiplier")
+        if isinstance(value, bool) or not isinstance(value, int if key in INT_PARAMS else (int, float)):
+            return False
+        return value > 0 or (key == "vocab_size" and value == -1)
+    bad = [f"{k}={v!r}" for k, v in params.items() if not valid(k, v)]
+    if bad:
+        raise CheckpointError(f"{source}: bad value(s) {', '.join(bad)}; expected positive numbers (integers for "
+                              "sizes; vocab_size -1 = from the weights; n_kv_heads, ffn_dim_multiplier may be null)")
+
+
 def load_checkpoint(path, device="cpu", dtype=None, vocab_size=None, **overrides) -> Transformer:
     """Load a Meta checkpoint directory (params.json + consolidated.NN.pth, shards merged) or a llama2.c .bin.
 
@@ -457,6 +482,7 @@ def load_checkpoint(path, device="cpu", dtype=None, vocab_size=None, **overrides
     unknown = set(params) - set(PARAMS_JSON_FIELDS)  # e.g. Llama-3's use_scaled_rope: would change the numerics
     if unknown:
         raise CheckpointError(f"{source}: unsupported key(s) {sorted(unknown)}; known: {list(PARAMS_JSON_FIELDS)}")
+    check_params(params, source)
     args = ModelArgs(**{**params, **overrides})
     if vocab_size is not None and vocab_size != args.vocab_size:
         raise CheckpointError(f"{path}: the checkpoint's vocabulary has {args.vocab_size} tokens but the tokenizer's "

@@ -281,7 +281,16 @@ def test_bad_inputs(toy, tmp_path):
     (tmp_path / "hf" / "tokenizer.model").write_bytes(toy[2].path.read_bytes())
     (tmp_path / "hf" / "config.json").rename(tmp_path / "config.json")
     refused(tmp_path / "hf", out, r"hf/config\.json: not found")
+    for bad, message in (("{bad", "not valid JSON"), ("[1]", "expected a JSON object"),
+                         ('{"hidden_size": "64"}', "hidden_size is '64'; expected"),
+                         ('{"num_attention_heads": 0}', "num_attention_heads is 0; expected")):
+        config = json.loads((tmp_path / "config.json").read_text())
+        (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, **json.loads(bad)}) if bad[0] == "{" and
+                                                     bad != "{bad" else bad)
+        refused(tmp_path / "hf", out, r"hf/config\.json: .*" + message)
     (tmp_path / "config.json").rename(tmp_path / "hf" / "config.json")
+    (tmp_path / "noise.model").write_bytes(bytes(range(256)))
+    refused(tmp_path / "hf", out, r"noise\.model: not a SentencePiece model", tokenizer=tmp_path / "noise.model")
     (tmp_path / "hf" / "model-00002-of-00002.safetensors").rename(tmp_path / "shard2")
     refused(tmp_path / "hf", out, r"hf: shard model-00002-of-00002\.safetensors named in .* is missing")
     (tmp_path / "shard2").rename(tmp_path / "hf" / "model-00002-of-00002.safetensors")

@@ -5,7 +5,7 @@ import torch
 
 from attention import CONTEXT, SPAN
 from data import BatchConfig, Tokenizer, magnet_batch
-from magnet import Magnet
+from magnet import Magnet, read_settings
 from model import CheckpointError, ModelArgs, Transformer, apply_lora, save_checkpoint
 from objectives import pool
 
@@ -232,3 +232,14 @@ def test_real_stories260k_generates_and_infills(stories):
     assert "there was" in text or "named" in text  # greedy TinyStories English (checked in float64 elsewhere)
     fill = stories.infill("Once upon a time, there was a little", " named Lily.", 2)
     assert fill == stories.infill("Once upon a time, there was a little", " named Lily.", 2, use_cache=False)
+
+
+def test_a_damaged_magnet_json_names_itself(tmp_path):
+    assert read_settings(tmp_path) == {}  # a plain base: no settings
+    for text, message in (("{bad", "not valid JSON"), ("[1]", "expected the settings"),
+                          ('{"instructoin": "x"}', "expected the settings")):
+        (tmp_path / "magnet.json").write_text(text)
+        with pytest.raises(CheckpointError, match=r"magnet\.json: " + message):
+            read_settings(tmp_path)
+    (tmp_path / "magnet.json").write_text('{"instruction": "Retrieve: ", "pooling": "mean"}')
+    assert read_settings(tmp_path) == {"instruction": "Retrieve: ", "pooling": "mean"}

@@ -223,7 +223,23 @@ def test_clear_errors_for_bad_meta_checkpoints(tmp_path):
     (tmp_path / "ok" / "params.json").write_text(json.dumps({**params, "use_scaled_rope": True}))
     with pytest.raises(CheckpointError, match="unsupported key"):
         load_checkpoint(tmp_path / "ok")
+    for bad, message in (('{"dim": "64"}', r"bad value\(s\) dim='64'"), ('{"n_heads": 0}', "n_heads=0"),
+                         ('{"dim": null}', "dim=None"), ('{"norm_eps": true}', "norm_eps=True")):
+        (tmp_path / "ok" / "params.json").write_text(json.dumps({**params, **json.loads(bad)}))
+        with pytest.raises(CheckpointError, match=r"params\.json: .*" + message):
+            load_checkpoint(tmp_path / "ok")
+    (tmp_path / "ok" / "params.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match=r"params\.json: expected a JSON object"):
+        load_checkpoint(tmp_path / "ok")
     (tmp_path / "ok" / "params.json").write_text(json.dumps(params))
+    good = (tmp_path / "ok" / "consolidated.00.pth").read_bytes()
+    for not_a_state_dict in ([1, 2], {"a": 1}, {}):
+        torch.save(not_a_state_dict, tmp_path / "ok" / "consolidated.00.pth")
+        with pytest.raises(CheckpointError, match=r"consolidated\.00\.pth: expected a state dict"):
+            load_checkpoint(tmp_path / "ok")
+    (tmp_path / "ok" / "consolidated.00.pth").write_bytes(good)
+    with pytest.raises(CheckpointError, match=r"params\.json: not a LoRA adapter file .*\(not a PyTorch file\)"):
+        load_adapter(load_checkpoint(tmp_path / "ok"), tmp_path / "ok" / "params.json")
     with pytest.raises(CheckpointError, match="61 tokens but the tokenizer's has 32000"):
         load_checkpoint(tmp_path / "ok", vocab_size=32000)
     (tmp_path / "ok" / "consolidated.00.pth").write_bytes(b"not a torch file")
