@@ -131,7 +131,7 @@ def parse_config(argv):
         if arg.startswith("--"):
             key, eq, value = arg[2:].partition("=")
             if not eq:
-                raise ConfigError(f"{arg}: expected --key=value")
+                raise ConfigError(f"{arg}: expected --key=value (the keys and their defaults: Config in train.py)")
             set_key(key, value, arg)
             continue
         path = Path(arg)
@@ -431,7 +431,7 @@ def demo(out, cfg):
 POSITIVE = ("batch_size", "grad_accum", "max_iters", "ckpt_interval", "seq_len", "sscl_len", "lr", "temperature",
             "lora_alpha", "grad_clip", "dim", "n_layers", "n_heads", "multiple_of", "max_seq_len")
 NON_NEGATIVE = ("min_lr", "warmup_iters", "weight_decay", "spike_factor", "pretrain_iters", "stop_at", "max_spans",
-                "n_kv_heads", "w_mntp", "w_msg", "w_sscl")
+                "n_kv_heads", "w_mntp", "w_msg", "w_sscl", "seed")
 
 
 def check(cfg, world):
@@ -521,7 +521,12 @@ MAY_CHANGE_ON_RESUME = {"out_dir", "resume", "overwrite", "stop_at", "max_iters"
 
 def check_resume(out, cfg):
     """A resume continues the same run: only schedule and system keys may differ from the saved config.json."""
-    saved = json.loads((out / "config.json").read_text())
+    try:
+        saved = json.loads((out / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{out / 'config.json'}: damaged ({e}); it says how this run was defined") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{out / 'config.json'}: damaged (expected a JSON object); it says how this run was defined")
     changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in asdict(cfg).items()
                if k not in MAY_CHANGE_ON_RESUME and saved.get(k) != v]
     if changed:
@@ -543,6 +548,8 @@ def read_log(path, before):
 
 def run(cfg, rank, world, device):
     out = Path(cfg.out_dir)
+    if not out.name:
+        raise ConfigError(f"out_dir={cfg.out_dir!r}: expected a directory name")
     check(cfg, world)
     with hold(out, cfg, rank, world):
         if cfg.init_from == "scratch" and cfg.lora and cfg.pretrain_iters > 0:

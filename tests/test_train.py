@@ -254,6 +254,7 @@ def test_a_crash_during_save_keeps_the_previous_checkpoint(setup, monkeypatch):
     (["--precision=fp16"], "precision must be 'auto', 'bf16' or 'fp32' (got 'fp16')"),
     (["--device=foo"], "device=foo: expected auto, cpu or cuda"),
     (["--lr=inf"], "lr must be a finite number (got inf)"),
+    (["--seed=-1"], "seed must be >= 0 (got -1)"),
 ])
 def test_bad_input_exits_nonzero_with_a_clear_error(setup, capsys, bad, message):
     d, common = setup
@@ -429,6 +430,9 @@ def test_resume_refuses_keys_that_define_the_run(setup, capsys):
     assert "defines the run differently (lora_rank 16 -> 4, seed 0 -> 7)" in err and "Traceback" not in err
     run_main(common + ["--max_iters=5", "--resume=true", "--lr=5e-3", f"--out_dir={out}"])  # schedule keys may change
     assert len(losses(out)) == 5
+    (out / "config.json").write_text("{damaged")
+    assert train.main(common + ["--max_iters=6", "--resume=true", f"--out_dir={out}"]) == 1
+    assert "config.json: damaged" in capsys.readouterr().err
 
 
 def test_bad_files_name_themselves(setup, tmp_path, capsys):
