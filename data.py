@@ -360,10 +360,10 @@ def read_sts(path):
         f = line.split("\t")
         try:
             rows.append((f[5], f[6], float(f[4])))
-            assert np.isfinite(rows[-1][2])
+            assert np.isfinite(rows[-1][2]) and f[5].strip() and f[6].strip()
         except (IndexError, ValueError, AssertionError):
-            raise ValueError(f"{path}, line {n}: expected >= 7 tab-separated fields with a finite score in field 5, "
-                             f"got {line[:80]!r}") from None
+            raise ValueError(f"{path}, line {n}: expected >= 7 tab-separated fields with a finite score in field 5 "
+                             f"and sentences in fields 6 and 7, got {line[:80]!r}") from None
     if not rows:
         raise ValueError(f"{path}: no sentence pairs")
     return rows

@@ -59,6 +59,8 @@ class Magnet:
         """A base checkpoint (Meta directory or llama2.c .bin), its tokenizer, optionally a LoRA adapter file.
         The settings the model was trained with (instruction, pooling), stored with the adapter or in a merged
         export's magnet.json, are used unless `options` say otherwise."""
+        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={device!r}, but this torch sees no CUDA GPU")
         tok = Tokenizer(tokenizer)
         model = load_checkpoint(checkpoint, device=device, dtype=dtype, vocab_size=tok.vocab_size)
         if adapter is not None:
@@ -104,14 +106,18 @@ class Magnet:
         return int(order[torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=gen)])
 
     @staticmethod
-    def _check_arguments(texts, counts, temperature=0.0, top_p=1.0):
-        """Clear errors for bad arguments, named: `texts` must be str, `counts` ints > 0."""
+    def _check_arguments(texts, counts, temperature=0.0, top_p=1.0, seed=0):
+        """Clear errors for bad arguments, named: `texts` must be str, `counts` ints > 0, sampling settings numbers."""
         for name, value in texts.items():
             if not isinstance(value, str):
                 raise TypeError(f"{name} must be a str, got {value!r}")
         for name, value in counts.items():
             if type(value) is not int or value <= 0:
                 raise (ValueError if type(value) is int else TypeError)(f"{name} must be an int > 0, got {value!r}")
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in (temperature, top_p)) or \
+                type(seed) is not int or not 0 <= seed < 2 ** 63:
+            raise TypeError(f"temperature and top_p must be numbers and seed an int in [0, 2^63); got temperature="
+                            f"{temperature!r}, top_p={top_p!r}, seed={seed!r}")
         if not (0 <= temperature < math.inf and 0 < top_p <= 1):  # also catches NaN
             raise ValueError(f"need a finite temperature >= 0 (0 = greedy) and 0 < top_p <= 1; got temperature="
                              f"{temperature}, top_p={top_p}")
@@ -124,7 +130,7 @@ class Magnet:
     def generate(self, prompt, max_new_tokens=64, temperature=0.0, top_p=1.0, seed=0, use_cache=True):
         """Continue `prompt` left to right (all-SPAN = the ordinary causal LM); stops at EOS. Returns the new text.
         The prompt starts with BOS only where the tokenizer adds one (Llama-2 does, SmolLM2 does not)."""
-        self._check_arguments(dict(prompt=prompt), dict(max_new_tokens=max_new_tokens), temperature, top_p)
+        self._check_arguments(dict(prompt=prompt), dict(max_new_tokens=max_new_tokens), temperature, top_p, seed)
         ids = self.tok.encode(prompt, bos=self.tok.add_bos) or [self.tok.bos_id]  # the tokenizer's own convention
         self._check_length(len(ids) + max_new_tokens)
         gen = torch.Generator(device=self.device).manual_seed(seed)
@@ -169,9 +175,11 @@ class Magnet:
         MAGNET keeps), and the gap that makes left + gap + right most likely wins: argmax log p(gap, right | left).
         """
         counts = dict(n_tokens=n_tokens) if n_tokens is not None else dict(max_tokens=max_tokens)
-        self._check_arguments({}, counts, temperature, top_p)
+        self._check_arguments({}, counts, temperature, top_p, seed)
         if not left_ids:
             raise ValueError("infill needs at least one left token (BOS) to predict the gap's first token from")
+        if not all(type(i) is int and 0 <= i < self.tok.vocab_size for i in [*left_ids, *right_ids]):
+            raise ValueError(f"left_ids and right_ids must be token ids in [0, {self.tok.vocab_size})")
         lengths = [n_tokens] if n_tokens is not None else list(range(1, max_tokens + 1))
         self._check_length(len(left_ids) + max(lengths) + len(right_ids))
         gen = torch.Generator(device=self.device).manual_seed(seed)
@@ -242,6 +250,7 @@ class Magnet:
         EOS appended, last-token pooling by default (or "mean")."""
         if isinstance(texts, str) or not texts or not all(isinstance(t, str) and t.strip() for t in texts):
             raise ValueError("encode expects a non-empty list of non-empty strings")
+        self._check_arguments({}, dict(batch_size=batch_size))
         out = []
         for i in range(0, len(texts), batch_size):
             ids = [self.tok.encode(t) for t in texts[i:i + batch_size]]
@@ -263,6 +272,7 @@ class Magnet:
             self._check_arguments(dict(text=t), {})
         if not texts or not all(t.strip() for t in texts):
             raise ValueError("token_features needs non-empty texts")
+        self._check_arguments({}, dict(batch_size=batch_size))
         out, shift = [], int(self.attention == "causal")
         for i in range(0, len(texts), batch_size):
             ids = [self.tok.encode(t, bos=True) for t in texts[i:i + batch_size]]
