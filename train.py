@@ -471,9 +471,10 @@ def check(cfg, world):
 
 @contextlib.contextmanager
 def hold(out, cfg, rank, world):
-    """The run directory, for this run alone: a lock refuses a second process on the same out_dir, and with
-    --overwrite the old run is moved aside (OUT.replaced) until the new one has finished or stopped at stop_at, and
-    is put back if the new one fails. Nothing a user has is lost to a failed run."""
+    """The run directory, for this run alone: a lock refuses a second process on the same out_dir; an existing run,
+    or a non-empty directory that is not a run, is refused without --overwrite; with it the old directory is moved
+    aside (OUT.replaced) until the new run has finished or stopped at stop_at, and is put back if the new one fails.
+    Nothing a user has is lost to a failed run."""
     backup, lock, moved = out.with_name(out.name + ".replaced"), None, False
 
     def acquire():
