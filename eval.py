@@ -455,9 +455,10 @@ def parse(argv):
         raise EvalError(f"need --ckpt=... and suites among {SUITES} (unknown: {sorted(unknown)})")
     bad = [f"{k}={getattr(cfg, k)}" for k, least in dict(limit=0, probe_train=0, seed=0, max_len=2, gap=1, max_gap=1,
                                                          prefix_len=1, cont_len=1).items() if getattr(cfg, k) < least]
-    if bad or cfg.device not in ("cpu", "cuda") or (cfg.device == "cuda" and not torch.cuda.is_available()):
+    kind = cfg.device.partition(":")[0]
+    if bad or kind not in ("cpu", "cuda") or (kind == "cuda" and not torch.cuda.is_available()):
         raise EvalError(f"out of range: {', '.join(bad) or f'device={cfg.device}'} (limit, probe_train and seed >= 0, "
-                        "max_len >= 2, the other lengths >= 1; device cpu, or cuda when torch sees a GPU)")
+                        "max_len >= 2, the other lengths >= 1; device cpu, or cuda[:N] when torch sees a GPU)")
     names = [split_spec(spec)[0] for spec in ckpts]
     if len(set(names)) < len(names):
         raise EvalError(f"two --ckpt have the same name ({names}); name them: --ckpt=NAME=PATH")

@@ -44,9 +44,9 @@ torchrun=("$py" -m torch.distributed.run --standalone --nproc_per_node=1 train.p
 
 check "1. one MAGNET step at Llama-2-7B shape" bench_7b.log \
     "$py" bench.py --bench=magnet --device="$device" --dtype=bfloat16 --dim=4096 --n_layers=32 --heads=32 --batch=8 \
-    --seq=512 --checkpoint_activations "${quick[@]}" --out "$out/bench_7b.json"
+    --seq=512 --checkpoint_activations "${quick[@]}" --out "$out/bench_7b.json" --overwrite
 check "2. the view-A LoRA step against HF + PEFT" bench_vs_hf.log \
-    "$py" bench.py --bench=vs_hf --device="$device" "${quick[@]}" --out "$out/bench_vs_hf.json"
+    "$py" bench.py --bench=vs_hf --device="$device" "${quick[@]}" --out "$out/bench_vs_hf.json" --overwrite
 check "3. train.py under torchrun (FSDP2, one process) at Llama-2-7B shape, batch 4 x 513 + SSCL views" train_7b.log \
     "${torchrun[@]}" "${toy[@]}" --max_iters=10 --stop_at=5 --ckpt_interval=5 --out_dir="$run/fsdp"
 check "   its log" train_7b.md summary "$run/fsdp"

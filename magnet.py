@@ -10,6 +10,7 @@
 """
 import json
 import math
+import numbers
 from pathlib import Path
 
 import torch
@@ -114,10 +115,10 @@ class Magnet:
         for name, value in counts.items():
             if type(value) is not int or value <= 0:
                 raise (ValueError if type(value) is int else TypeError)(f"{name} must be an int > 0, got {value!r}")
-        if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in (temperature, top_p)) or \
-                type(seed) is not int or not 0 <= seed < 2 ** 63:
-            raise TypeError(f"temperature and top_p must be numbers and seed an int in [0, 2^63); got temperature="
-                            f"{temperature!r}, top_p={top_p!r}, seed={seed!r}")
+        if any(isinstance(v, bool) or not isinstance(v, numbers.Real) for v in (temperature, top_p)) or \
+                isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not -2 ** 63 <= seed < 2 ** 64:
+            raise TypeError(f"temperature and top_p must be numbers and seed an int in [-2^63, 2^64) (torch's range); "
+                            f"got temperature={temperature!r}, top_p={top_p!r}, seed={seed!r}")
         if not (0 <= temperature < math.inf and 0 < top_p <= 1):  # also catches NaN
             raise ValueError(f"need a finite temperature >= 0 (0 = greedy) and 0 < top_p <= 1; got temperature="
                              f"{temperature}, top_p={top_p}")
@@ -178,7 +179,8 @@ class Magnet:
         self._check_arguments({}, counts, temperature, top_p, seed)
         if not left_ids:
             raise ValueError("infill needs at least one left token (BOS) to predict the gap's first token from")
-        if not all(type(i) is int and 0 <= i < self.tok.vocab_size for i in [*left_ids, *right_ids]):
+        if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) and 0 <= i < self.tok.vocab_size
+                   for i in [*left_ids, *right_ids]):
             raise ValueError(f"left_ids and right_ids must be token ids in [0, {self.tok.vocab_size})")
         lengths = [n_tokens] if n_tokens is not None else list(range(1, max_tokens + 1))
         self._check_length(len(left_ids) + max(lengths) + len(right_ids))

@@ -160,14 +160,15 @@ def parse_config(argv):
 
 def setup_distributed(cfg):
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
-        raise ConfigError(f"device={cfg.device}: expected auto, cpu or cuda" +
-                          (" (this torch sees no CUDA GPU)" if device == "cuda" else ""))
+    kind = device.partition(":")[0]
+    if kind not in ("cpu", "cuda") or (kind == "cuda" and not torch.cuda.is_available()):
+        raise ConfigError(f"device={cfg.device}: expected auto, cpu or cuda[:N]" +
+                          (" (this torch sees no CUDA GPU)" if kind == "cuda" else ""))
     if "RANK" not in os.environ:
         return 0, 1, torch.device(device)
     # a long timeout: rank 0 alone tokenizes a new corpus (minutes for Wikitext-103) while the others wait
-    dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
-    if device == "cuda":
+    dist.init_process_group("nccl" if kind == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
+    if kind == "cuda":  # one GPU per process: cuda:LOCAL_RANK
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     return dist.get_rank(), dist.get_world_size(), torch.device(device)
@@ -330,8 +331,10 @@ def train_step(magnet, opt, corpus, pairs, cfg, step, rank, world, max_total=mat
 # Checkpoints (distributed checkpoint of the trainable state + optimizer) and exports
 
 def dcp_error(e):
-    """What went wrong in a DCP save/load: it wraps each rank's exception in a CheckpointException."""
+    """What went wrong in a DCP save/load, which wraps each rank's exception (Ctrl-C too) in a CheckpointException."""
     e = next(iter(e.failures.values()), (e,))[0] if isinstance(e, dcp.CheckpointException) else e  # (error, stack)
+    if not isinstance(e, Exception):  # KeyboardInterrupt: an interruption, not a damaged checkpoint
+        raise KeyboardInterrupt from None
     return f"{type(e).__name__}: {e}"[:300] if str(e) else type(e).__name__
 
 
@@ -359,10 +362,14 @@ def save_state(out, model, opt, step, rank):
 
 
 def load_state(out, model, opt):
-    """The step to continue from: the newest loadable checkpoint (ckpt, else ckpt.old); 0 when the run stopped
-    before its first one."""
+    """The step to continue from: the newest loadable checkpoint (ckpt, else ckpt.old, then the damaged one is
+    removed); 0 when the run stopped before its first checkpoint."""
     paths = [p for p in (out / "ckpt", out / "ckpt.old") if (p / ".metadata").exists()]
     if not paths:
+        found = [p.name for p in (out / "ckpt", out / "ckpt.old", out / "merged", out / "adapter.pt") if p.exists()]
+        if found or not (out / "config.json").exists():
+            raise ConfigError(f"--resume: {out} has no loadable checkpoint, yet it is not a run stopped before its "
+                              f"first one ({', '.join(found) or 'no config.json'}); --overwrite=true starts it over")
         print(f"--resume: {out} has no checkpoint yet; starting from step 0", file=sys.stderr)
         return 0
     failures = []
@@ -376,8 +383,9 @@ def load_state(out, model, opt):
             continue
         set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
                        options=StateDictOptions(strict=False))  # the frozen base is not in it: it comes from init_from
-        if failures:
+        if failures:  # ckpt is damaged: dropped, so that the next save cannot make it ckpt.old
             print(f"--resume: {failures[0]}; continuing from {path} instead", file=sys.stderr)
+            shutil.rmtree(out / "ckpt", ignore_errors=True)
         return state["step"]
     raise ConfigError("--resume: no checkpoint of this run can be loaded (damaged, or made for another model): "
                       + "; ".join(failures) + ". --overwrite=true starts the run over")
@@ -488,7 +496,7 @@ def hold(out, cfg, rank, world):
         if backup.exists():
             raise ConfigError(f"{backup} holds the run that an interrupted --overwrite was replacing: move it back "
                               f"to {out} or delete it")
-        ours = (out / "log.jsonl").exists() or (out / "base.lock").exists()  # base.lock: a two-phase run's phase 1
+        ours = any((out / f).exists() for f in ("log.jsonl", "toy", "base.lock"))  # what a run writes first
         if out.exists() and not cfg.overwrite and (not out.is_dir() or (not ours and any(out.iterdir()))):
             raise ConfigError(f"{out} exists and is not a train.py run; pass --overwrite=true to replace it (it is "
                               "kept until the new run has finished), or another --out_dir")
@@ -512,7 +520,7 @@ def hold(out, cfg, rank, world):
         if lock:
             lock.close()
     if moved:
-        shutil.rmtree(backup, ignore_errors=True)
+        shutil.rmtree(backup) if backup.is_dir() and not backup.is_symlink() else backup.unlink()
 
 
 MAY_CHANGE_ON_RESUME = {"out_dir", "resume", "overwrite", "stop_at", "max_iters", "lr", "min_lr", "warmup_iters",

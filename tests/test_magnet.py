@@ -210,7 +210,7 @@ def test_bad_input_gets_clear_errors(tiny, tmp_path, toy):
     for ids in ([1, 10 ** 6], [1, -1], [1, 2.0]):
         with pytest.raises(ValueError, match=r"must be token ids in \[0, "):
             tiny.infill_ids(ids, [5, 6], 2)
-    for kw in (dict(temperature="0.5"), dict(top_p=None), dict(seed="x"), dict(seed=2 ** 70), dict(seed=-1)):
+    for kw in (dict(temperature="0.5"), dict(top_p=None), dict(seed="x"), dict(seed=2 ** 70), dict(seed=True)):
         with pytest.raises(TypeError, match="temperature and top_p must be numbers and seed an int"):
             tiny.generate("Mia", 3, **kw)
     with pytest.raises(ValueError, match="batch_size must be an int > 0, got 0"):

@@ -313,6 +313,11 @@ def test_an_existing_run_is_never_overwritten(setup, capsys):
         assert train.main(common + ["--max_iters=2", f"--out_dir={target}"]) == 1
         assert "is not a train.py run; pass --overwrite=true" in capsys.readouterr().err
     assert [p.name for p in foreign.iterdir()] == ["config.json"] and (d / "a-file").read_text() == "mine"
+    run_main(common + ["--max_iters=1", "--overwrite=true", f"--out_dir={d / 'a-file'}"])  # asked: replaced, not kept
+    assert (d / "a-file" / "log.jsonl").exists() and not (d / "a-file.replaced").exists()
+    # what a toy-world run writes before its log (toy/) marks the directory as a run: rerunning it is not refused
+    (d / "toy-started" / "toy").mkdir(parents=True)
+    run_main(common + ["--max_iters=1", f"--out_dir={d / 'toy-started'}"])
 
 
 def snapshot(out):
@@ -378,6 +383,13 @@ def test_a_run_that_failed_before_its_first_checkpoint_resumes_from_step_0(setup
     run_main(common + ["--max_iters=3", "--resume=true", f"--out_dir={out}"])
     assert "has no checkpoint yet; starting from step 0" in capsys.readouterr().err
     assert [r["step"] for r in losses(out)] == [0, 1, 2] and (out / "adapter.pt").exists()
+    # but a finished run whose checkpoints are gone (deleted, say) is not silently started over: all of it stays
+    run_main(common + ["--max_iters=2", f"--out_dir={d / 'deleted'}"])
+    shutil.rmtree(d / "deleted" / "ckpt")
+    before = snapshot(d / "deleted")
+    assert train.main(common + ["--max_iters=4", "--resume=true", f"--out_dir={d / 'deleted'}"]) == 1
+    assert "has no loadable checkpoint, yet it is not a run stopped before its first one" in capsys.readouterr().err
+    assert snapshot(d / "deleted") == before
 
 
 def test_damaged_checkpoints_fall_back_to_the_older_one_or_say_so(setup, capsys, monkeypatch):
@@ -393,11 +405,21 @@ def test_damaged_checkpoints_fall_back_to_the_older_one_or_say_so(setup, capsys,
     shard.write_bytes(shard.read_bytes()[:100])  # truncated
     assert train.load_state(out, model, opt) == 2
     assert "ckpt: EOFError; continuing from" in capsys.readouterr().err
+    assert not (out / "ckpt").exists()  # the damaged one is dropped: the next save cannot turn it into ckpt.old
     shard = next((out / "ckpt.old").glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:100])
     assert train.main(common + ["--max_iters=4", "--resume=true", f"--out_dir={out}"]) == 1
     err = capsys.readouterr().err
     assert "error: --resume: no checkpoint of this run can be loaded" in err and "Traceback" not in err
+    # Ctrl-C during a load (DCP wraps it like any failure) is an interruption, not a damaged checkpoint
+    shutil.rmtree(out / "ckpt.old")
+    run_main(common + ["--max_iters=4", "--stop_at=2", "--overwrite=true", f"--out_dir={out}"])
+    before = snapshot(out)
+    monkeypatch.setattr("torch.distributed.checkpoint.filesystem.FileSystemReader.read_data",
+                        lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    assert train.main(common + ["--max_iters=4", "--resume=true", f"--out_dir={out}"]) == 130
+    assert "interrupted" in capsys.readouterr().err and snapshot(out) == before
+    monkeypatch.undo()
     # a failed write (e.g. a full disk) names the checkpoint and what is still intact
     monkeypatch.setattr("torch.distributed.checkpoint.save", lambda *a, **k: (_ for _ in ()).throw(
         OSError(28, "No space left on device")))
