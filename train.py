@@ -83,7 +83,7 @@ class Config(BatchConfig):  # data.BatchConfig's keys (batch_size ... instructio
     warmup_iters: int = 20
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    spike_factor: float = 10.0  # stop if a step's loss exceeds this many times the median of the last 50 (0 = off)
+    spike_factor: float = 10.0  # stop if a loss exceeds this x the median of the last 50, from step 20 on (0 = off)
     # system
     device: str = "auto"  # auto = cuda if available
     precision: str = "auto"  # "bf16" (bf16 compute; a LoRA base is stored bf16), "fp32", or "auto": bf16 on a GPU
@@ -629,7 +629,7 @@ def train(cfg, out, rank, world, device):
     if rank == 0:
         print(f"wrote {out / 'merged'} (Meta format + tokenizer, {cfg.merged_dtype})" +
               (f" and {out / 'adapter.pt'}; evaluate the exact model with --ckpt={cfg.init_from}::{out / 'adapter.pt'}"
-               if cfg.lora else ""))
+               if cfg.lora and cfg.init_from != "scratch" else ""))  # a random scratch base is not saved
         if cfg.demo and cfg.data == "toy":
             demo(out, cfg)
 
