@@ -603,8 +603,9 @@ def train(cfg, out, rank, world, device):
             with torch.autocast(device.type, torch.bfloat16, enabled=bf16(cfg) and not sharded):
                 losses, tokens = train_step(magnet, opt, corpus, pairs, cfg, step, rank, world, max_total)
         except TrainingError as e:
-            hint = (f"The checkpoint of step {saved} is intact: --resume=true continues from it (perhaps with a "
-                    "lower --lr)" if saved else "No checkpoint was written yet: --resume=true starts again from step 0 (perhaps with a lower --lr)")
+            hint = (f"The checkpoint of step {saved} is intact: --resume=true continues from it" if saved else
+                    "No checkpoint was written yet: --resume=true starts again from step 0")
+            hint += " (perhaps with a lower --lr)"
             raise TrainingError(f"{e}. {hint}") from None
         recent = (recent + [losses["total"]])[-50:]
         if rank == 0:
