@@ -361,7 +361,7 @@ def save_state(out, model, opt, step, rank):
     barrier()
 
 
-def load_state(out, model, opt):
+def load_state(out, model, opt, rank=0):
     """The step to continue from: the newest loadable checkpoint (ckpt, else ckpt.old, then the damaged one is
     removed); 0 when the run stopped before its first checkpoint."""
     paths = [p for p in (out / "ckpt", out / "ckpt.old") if (p / ".metadata").exists()]
@@ -370,7 +370,8 @@ def load_state(out, model, opt):
         if found or not (out / "config.json").exists():
             raise ConfigError(f"--resume: {out} has no loadable checkpoint, yet it is not a run stopped before its "
                               f"first one ({', '.join(found) or 'no config.json'}); --overwrite=true starts it over")
-        print(f"--resume: {out} has no checkpoint yet; starting from step 0", file=sys.stderr)
+        if rank == 0:
+            print(f"--resume: {out} has no checkpoint yet; starting from step 0", file=sys.stderr)
         return 0
     failures = []
     for path in paths:
@@ -383,7 +384,7 @@ def load_state(out, model, opt):
             continue
         set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
                        options=StateDictOptions(strict=False))  # the frozen base is not in it: it comes from init_from
-        if failures:  # ckpt is damaged: dropped, so that the next save cannot make it ckpt.old
+        if failures and rank == 0:  # ckpt is damaged: dropped, so that the next save cannot make it ckpt.old
             print(f"--resume: {failures[0]}; continuing from {path} instead", file=sys.stderr)
             shutil.rmtree(out / "ckpt", ignore_errors=True)
         return state["step"]
@@ -586,7 +587,7 @@ def train(cfg, out, rank, world, device):
                     cfg.instruction, sscl_dropout=0.0 if pairs else cfg.sscl_dropout)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
-    start = load_state(out, model, opt) if cfg.resume and (out / "log.jsonl").exists() else 0
+    start = load_state(out, model, opt, rank) if cfg.resume and (out / "log.jsonl").exists() else 0
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
@@ -645,7 +646,8 @@ def main(argv):
             if dist.is_initialized():
                 dist.destroy_process_group()
     except KeyboardInterrupt:
-        print("interrupted: --resume=true continues from the last checkpoint", file=sys.stderr)
+        if int(os.environ.get("RANK", 0)) == 0:
+            print("interrupted: --resume=true continues from the last checkpoint", file=sys.stderr)
         return 130
     except (ConfigError, CheckpointError, TrainingError, OSError, ValueError) as e:
         rank = int(os.environ.get("RANK", 0))
