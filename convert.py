@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from data import Tokenizer, copy_tokenizer, tokenizer_beside
-from model import CheckpointError, ModelArgs, Transformer, check_params
+from model import CheckpointError, ModelArgs, Transformer, check_params, read_json_object
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WRITTEN = {"params.json", "consolidated.00.pth", "tokenizer.model", "tokenizer.json", "tokenizer_config.json"}
@@ -180,15 +180,11 @@ def read_hf(directory: Path, dtype, own_tokenizer):
     found = tokenizer_beside(directory)
     if own_tokenizer and not found:
         raise CheckpointError(f"{directory}: no tokenizer.model or tokenizer.json; pass --tokenizer=FILE")
-    try:
-        c = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    c = read_json_object(path, "model settings")
     sizes = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
-    bad = [k for k in sizes if not isinstance(c, dict) or type(c.get(k)) is not int or c[k] <= 0]
+    bad = [k for k in sizes if type(c.get(k)) is not int or c[k] <= 0]
     if bad:
-        raise CheckpointError(f"{path}: {bad[0]} is {c.get(bad[0]) if isinstance(c, dict) else c!r}; expected a "
-                              "JSON object whose sizes are positive integers")
+        raise CheckpointError(f"{path}: {bad[0]} is {c.get(bad[0])!r}; expected a positive integer")
     rope = c.get("rope_parameters") or {}  # transformers >= 5 keeps rope_theta here
     if c.get("model_type") != "llama" or c.get("rope_scaling") or rope.get("rope_type", "default") != "default" or \
             c.get("attention_bias") or c.get("mlp_bias") or c.get("hidden_act", "silu") != "silu" or \

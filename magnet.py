@@ -8,7 +8,6 @@
     m.token_features("a sentence")                               # per-token vectors
     m.losses(batch)                                              # the MAGNET training losses of one batch
 """
-import json
 import math
 import numbers
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 
 from attention import CONTEXT, PAD, SPAN
 from data import IGNORE, Tokenizer, pad_rows, sscl_views
-from model import CheckpointError, KVCache, load_adapter, load_checkpoint
+from model import CheckpointError, KVCache, load_adapter, load_checkpoint, read_json_object
 from objectives import mntp_loss, msg_loss, pool, sscl_loss, token_nll
 
 
@@ -27,15 +26,11 @@ SETTINGS = ("instruction", "pooling")  # how a model was trained to encode: infe
 def read_settings(checkpoint, adapter=None):
     """The SETTINGS a model was trained with: from the adapter file (train.py stores them under "magnet"), else from
     magnet.json beside a merged export; {} for a plain base model."""
-    path = Path(checkpoint) / "magnet.json"
-    try:
-        if adapter is not None:
-            path = Path(adapter)
-            settings = torch.load(adapter, map_location="cpu", weights_only=True).get("magnet", {})
-        else:
-            settings = json.loads(path.read_text()) if path.is_file() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    path = Path(adapter) if adapter is not None else Path(checkpoint) / "magnet.json"
+    if adapter is not None:
+        settings = torch.load(adapter, map_location="cpu", weights_only=True).get("magnet", {})
+    else:
+        settings = read_json_object(path, f"the settings {SETTINGS}") if path.is_file() else {}
     if not isinstance(settings, dict) or set(settings) - set(SETTINGS):
         raise CheckpointError(f"{path}: expected the settings {SETTINGS} a model was trained with, got {settings!r}")
     return settings

@@ -362,6 +362,17 @@ def load_adapter(model, path):
 SHARD_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1, "tok_embeddings": 1}
 
 
+def read_json_object(path, what):
+    """A JSON file that holds one object (params.json, a run's config.json, ...); a CheckpointError otherwise."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object of {what}")
+    return value
+
+
 def merge_shards(shards, names):
     """Merge Meta model-parallel shards (state dicts) into one state dict by the SHARD_DIM rules."""
     merged = {}
@@ -380,12 +391,7 @@ def _read_meta_dir(directory: Path):
     if not params_path.is_file():
         raise CheckpointError(f"{params_path}: not found; a Meta checkpoint directory holds params.json and "
                               "consolidated.00.pth ... consolidated.NN.pth")
-    try:
-        params = json.loads(params_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{params_path}: not valid JSON ({e})") from None
-    if not isinstance(params, dict):
-        raise CheckpointError(f"{params_path}: expected a JSON object of model settings (dim, n_layers, ...)")
+    params = read_json_object(params_path, "model settings (dim, n_layers, ...)")
     paths = sorted(directory.glob("consolidated.*.pth"))
     expected = [directory / f"consolidated.{i:02d}.pth" for i in range(len(paths))]
     if not paths or paths != expected:

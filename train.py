@@ -38,8 +38,8 @@ import data
 from attention import BACKENDS, PAD
 from data import IGNORE, BatchConfig, TextCorpus, Tokenizer, batch_rows
 from magnet import SETTINGS, Magnet
-from model import (CheckpointError, ModelArgs, Transformer, apply_lora, load_checkpoint, save_adapter,
-                   save_checkpoint)
+from model import (CheckpointError, ModelArgs, Transformer, apply_lora, load_checkpoint, read_json_object,
+                   save_adapter, save_checkpoint)
 
 
 @dataclass
@@ -531,12 +531,7 @@ MAY_CHANGE_ON_RESUME = {"out_dir", "resume", "overwrite", "stop_at", "max_iters"
 
 def check_resume(out, cfg):
     """A resume continues the same run: only schedule and system keys may differ from the saved config.json."""
-    try:
-        saved = json.loads((out / "config.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{out / 'config.json'}: damaged ({e}); it says how this run was defined") from None
-    if not isinstance(saved, dict):
-        raise ConfigError(f"{out / 'config.json'}: damaged (expected a JSON object); it says how this run was defined")
+    saved = read_json_object(out / "config.json", "the run's settings")
     changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in asdict(cfg).items()
                if k not in MAY_CHANGE_ON_RESUME and saved.get(k) != v]
     if changed:

@@ -281,8 +281,8 @@ def test_bad_inputs(toy, tmp_path):
     (tmp_path / "hf" / "tokenizer.model").write_bytes(toy[2].path.read_bytes())
     (tmp_path / "hf" / "config.json").rename(tmp_path / "config.json")
     refused(tmp_path / "hf", out, r"hf/config\.json: not found")
-    for bad, message in (("{bad", "not valid JSON"), ("[1]", "expected a JSON object"),
-                         ('{"hidden_size": "64"}', "hidden_size is '64'; expected"),
+    for bad, message in (("{bad", "not valid JSON"), ("[1]", "expected a JSON object of model settings"),
+                         ('{"hidden_size": "64"}', "hidden_size is '64'; expected a positive integer"),
                          ('{"num_attention_heads": 0}', "num_attention_heads is 0; expected")):
         config = json.loads((tmp_path / "config.json").read_text())
         (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, **json.loads(bad)}) if bad[0] == "{" and

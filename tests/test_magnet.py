@@ -246,7 +246,7 @@ def test_real_stories260k_generates_and_infills(stories):
 
 def test_a_damaged_magnet_json_names_itself(tmp_path):
     assert read_settings(tmp_path) == {}  # a plain base: no settings
-    for text, message in (("{bad", "not valid JSON"), ("[1]", "expected the settings"),
+    for text, message in (("{bad", "not valid JSON"), ("[1]", "expected a JSON object of the settings"),
                           ('{"instructoin": "x"}', "expected the settings")):
         (tmp_path / "magnet.json").write_text(text)
         with pytest.raises(CheckpointError, match=r"magnet\.json: " + message):

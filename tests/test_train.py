@@ -454,7 +454,7 @@ def test_resume_refuses_keys_that_define_the_run(setup, capsys):
     assert len(losses(out)) == 5
     (out / "config.json").write_text("{damaged")
     assert train.main(common + ["--max_iters=6", "--resume=true", f"--out_dir={out}"]) == 1
-    assert "config.json: damaged" in capsys.readouterr().err
+    assert "config.json: not valid JSON" in capsys.readouterr().err
 
 
 def test_bad_files_name_themselves(setup, tmp_path, capsys):
