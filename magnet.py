@@ -17,7 +17,7 @@ import torch
 from attention import CONTEXT, PAD, SPAN
 from data import IGNORE, Tokenizer, pad_rows, sscl_views
 from model import CheckpointError, KVCache, load_adapter, load_checkpoint, read_json_object
-from objectives import mntp_loss, msg_loss, pool, sscl_loss, token_nll
+from objectives import mntp_loss, msg_loss, pool, sscl_loss
 
 
 SETTINGS = ("instruction", "pooling")  # how a model was trained to encode: inference must do the same
@@ -77,8 +77,7 @@ class Magnet:
         if self.weights["mntp"] or self.weights["msg"]:
             mntp, msg = b["mntp_labels"], b["msg_labels"]  # (B, T) each, IGNORE where no target
             at = (mntp != IGNORE) | (msg != IGNORE)  # (B, T): the positions that carry a target (~1/4 of view A)
-            logits = self.model(b["tokens"], b["roles"], logits_at=at)  # (N, V), only at those positions
-            nll = token_nll(logits, torch.where(mntp != IGNORE, mntp, msg)[at])  # (N,)
+            nll = self.model(b["tokens"], b["roles"], targets=torch.where(mntp != IGNORE, mntp, msg))  # (N,): at `at`
             out["mntp"] = mntp_loss(nll, mntp[at], b.get("mntp_count"))
             out["msg"] = msg_loss(nll, msg[at], b.get("msg_count"))
         if self.weights["sscl"]:
@@ -228,12 +227,11 @@ class Magnet:
         rows = [list(prefix_ids) + list(c) for c in continuations]
         tokens = pad_rows(rows, self.tok.pad_id).to(self.device)  # (K, T)
         roles = pad_rows([[SPAN] * len(r) for r in rows], PAD).to(self.device)
-        at = torch.zeros_like(tokens, dtype=torch.bool)  # (K, T): the outputs that predict a continuation token
+        targets = torch.full_like(tokens, IGNORE)  # (K, T): the outputs that predict a continuation token
         for k, r in enumerate(rows):
-            at[k, len(prefix_ids) - 1:len(r) - 1] = True
-        targets = tokens[:, 1:][at[:, :-1]]  # (N,): the token after each such output
-        nll = token_nll(self.model(tokens, roles, logits_at=at), targets)  # (N,)
-        row = torch.arange(len(rows), device=self.device)[:, None].expand_as(tokens)[at]  # (N,): its candidate
+            targets[k, len(prefix_ids) - 1:len(r) - 1] = tokens[k, len(prefix_ids):len(r)]  # the token after each
+        nll = self.model(tokens, roles, targets=targets)  # (N,)
+        row = torch.arange(len(rows), device=self.device)[:, None].expand_as(tokens)[targets != IGNORE]  # (N,)
         return -torch.zeros(len(rows), device=self.device).index_add_(0, row, nll.float()).cpu()
 
     def _encoder_roles(self, roles):

@@ -207,13 +207,14 @@ class Transformer(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, tokens, roles=None, start_pos=0, cache=None, positions=None, compute_logits=True,
-                logits_at=None, attn_dropout=0.0):
+                targets=None, attn_dropout=0.0):
         """tokens: (B, T) ids. roles: (B, T) PAD/CONTEXT/SPAN, None = all SPAN (an ordinary causal LM).
         positions: (B, T) or (T,) RoPE positions, default start_pos + 0..T-1. cache: a KVCache to read and extend.
         attn_dropout: dropout on the attention weights, in training mode only (SSCL's SimCSE noise).
-        Returns float32 logits (B, T, V); with logits_at, a (B, T) bool mask, only the logits of those positions,
-        (N, V) in row-major order (training losses need them where a target is: nothing (B, T, V) is built);
-        the final normed hidden states (B, T, dim) instead if compute_logits=False (encoders skip the vocabulary).
+        Returns float32 logits (B, T, V); the final normed hidden states (B, T, dim) instead if compute_logits=False
+        (encoders skip the vocabulary). With targets, (B, T) labels (targets[t] = the token output t must predict,
+        negative = none, as data.IGNORE): the cross-entropy of each target instead, (N,) fp32 in row-major order
+        (training losses need only those N positions: nothing (B, T, V) is built, see next_token_nll).
         """
         B, T = tokens.shape
         if positions is None:
@@ -238,9 +239,27 @@ class Transformer(nn.Module):
         h = self.norm(h)
         if not compute_logits:
             return h
-        if logits_at is not None:
-            h = h[logits_at]  # (N, dim): gather first, so the vocabulary projection runs only where it is needed
-        return self.output(h).float()  # (B, T, V) or (N, V)
+        if targets is not None:
+            at = targets >= 0  # (B, T): gather first, so the vocabulary projection runs only where it is needed
+            return next_token_nll(self.output, h[at], targets[at])  # (N,)
+        return self.output(h).float()  # (B, T, V)
+
+
+LOGITS_PER_PIECE = 2**22  # 16 MiB of fp32 logits
+
+
+def next_token_nll(output, h, labels):
+    """Cross-entropy of each target in fp32: final hidden states h (N, dim) at the target positions, labels (N,).
+
+    The vocabulary projection and its loss run on near-equal pieces of rows of at most LOGITS_PER_PIECE logits, so no
+    (N, V) buffer exists whole. On a GPU this bounds the logits' memory per piece; on a CPU it is speed: glibc hands a
+    block above 32 MiB back to the OS when it is freed, and the next step faults every page of it in again (~5 us per
+    4 KiB page on our VM: view A's (N, V) logits, their log-softmax and their gradient cost ~150,000 faults a step),
+    while smaller blocks are reused. Each row's logits and loss do not depend on the other rows of its piece.
+    """
+    pieces = max(1, math.ceil(h.shape[0] * output.weight.shape[0] / LOGITS_PER_PIECE))
+    return torch.cat([F.cross_entropy(output(rows).float(), row_labels, reduction="none")  # (n,) per piece
+                      for rows, row_labels in zip(h.tensor_split(pieces), labels.tensor_split(pieces))])
 
 
 # ----------------------------------------------------------------------------------------------------------------

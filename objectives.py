@@ -8,7 +8,7 @@
 MNTP and MSG come from ONE hybrid forward pass (view A); their labels are already shifted by data.py, so
 label[t-1] holds token t and both losses are plain token-means of cross-entropy over their own targets. A token is
 either context or span, so the two never target the same position: one cross-entropy over the positions that carry
-a target (token_nll) serves both, and no other position needs its logits.
+a target (Transformer.forward(targets=), model.next_token_nll) serves both, and no other position needs its logits.
 """
 import torch
 import torch.distributed as dist
@@ -16,11 +16,6 @@ import torch.nn.functional as F
 
 from attention import PAD
 from data import IGNORE
-
-
-def token_nll(logits, labels):
-    """Cross-entropy of each target, in fp32: logits (N, V), labels (N,) -> (N,), 0 where the label is IGNORE."""
-    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="none")
 
 
 def _token_mean(nll, labels, count=None):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from attention import CONTEXT, SPAN
-from model import (CheckpointError, KVCache, LoRALinear, ModelArgs, Transformer, apply_lora, load_adapter, lora_layers,
-                   load_checkpoint, merge_lora, save_adapter, save_checkpoint, unmerge_lora)
+from model import (LOGITS_PER_PIECE, CheckpointError, KVCache, LoRALinear, ModelArgs, Transformer, apply_lora,
+                   load_adapter, lora_layers, load_checkpoint, merge_lora, save_adapter, save_checkpoint, unmerge_lora)
 
 ARGS = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=61, multiple_of=8, max_seq_len=64)
 
@@ -106,6 +106,27 @@ def test_kv_cache_span_decoding_after_context_equals_recomputation():
     for p in range(L, L + n):
         step = model(tokens[:, p:p + 1], torch.full((1, 1), SPAN), positions=torch.tensor([p]), cache=cache)
         assert torch.allclose(step[0, 0], full[0, p], atol=1e-5)
+
+
+def test_targets_give_each_targets_loss_in_bounded_pieces():
+    """forward(targets=) projects only the target positions onto the vocabulary, in pieces of at most
+    LOGITS_PER_PIECE logits; each loss equals a float64 log-softmax of the full logits at that position."""
+    torch.manual_seed(0)
+    model = tiny(vocab_size=32000, dim=16, n_heads=2, n_kv_heads=1, multiple_of=16)
+    tokens = torch.randint(0, 32000, (8, 64))
+    targets = torch.randint(0, 32000, (8, 64))
+    targets[torch.rand(8, 64) < 0.3] = -100  # data.IGNORE: no target here
+    pieces = []
+    model.output.register_forward_hook(lambda module, inputs, out: pieces.append(out.shape))
+    nll = model(tokens, targets=targets)
+    keep = targets >= 0
+    n = int(keep.sum())
+    assert nll.shape == (n,) and n * 32000 > 2 * LOGITS_PER_PIECE  # enough targets for three pieces or more
+    assert len(pieces) >= 3 and sum(rows for rows, _ in pieces) == n
+    assert all(rows * vocab <= LOGITS_PER_PIECE for rows, vocab in pieces)
+    logp = torch.log_softmax(model(tokens).double(), -1)  # (B, T, V): every logit, in float64
+    expected = -logp[keep].gather(1, targets[keep][:, None])[:, 0]  # (N,) in row-major order
+    torch.testing.assert_close(nll.double(), expected, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------- LoRA
