@@ -252,10 +252,10 @@ def next_token_nll(output, h, labels):
     """Cross-entropy of each target in fp32: final hidden states h (N, dim) at the target positions, labels (N,).
 
     The vocabulary projection and its loss run on near-equal pieces of rows of at most LOGITS_PER_PIECE logits, so no
-    (N, V) buffer exists whole. On a GPU this bounds the logits' memory per piece; on a CPU it is speed: glibc hands a
-    block above 32 MiB back to the OS when it is freed, and the next step faults every page of it in again (~5 us per
-    4 KiB page on our VM: view A's (N, V) logits, their log-softmax and their gradient cost ~150,000 faults a step),
-    while smaller blocks are reused. Each row's logits and loss do not depend on the other rows of its piece.
+    single (N, V) buffer is allocated (autograd still keeps each piece's log-softmax for backward: N x V in all).
+    On a CPU that is speed: glibc hands a block above 32 MiB back to the OS when it is freed, and the next step faults
+    every page of it in again (~5 us per 4 KiB page on our VMs: view A's (N, V) logits, their log-softmax and their
+    gradient cost ~150,000 faults a step), while smaller blocks are reused. Rows do not interact: same loss per row.
     """
     pieces = max(1, math.ceil(h.shape[0] * output.weight.shape[0] / LOGITS_PER_PIECE))
     return torch.cat([F.cross_entropy(output(rows).float(), row_labels, reduction="none")  # (n,) per piece
