@@ -268,11 +268,34 @@ def next_token_nll(output, h, labels):
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 
 
+def lora_dropout(x, p):
+    """Inverted dropout, x * keep / (1 - p) with keep ~ Bernoulli(1 - p) independently per element (nn.Dropout's
+    distribution), sampled sparsely: only the ~p * x.numel() dropped positions are drawn, as running sums of
+    Geometric(p) gaps (the gap between one dropped element and the next, in a row of Bernoulli(p) trials, is
+    Geometric(p)). Why not nn.Dropout: torch's CPU bernoulli_ draws every element one at a time on non-Intel CPUs
+    (~14% of a LoRA step on an AMD EPYC), and on Intel CPUs uses MKL's own generator, so one seed gave different
+    masks on the two. This draws ~p of them, from torch's generator, so a seed gives the same masks on every CPU."""
+    n = x.numel()
+    if n == 0:
+        return x
+    mask = torch.full_like(x, 1 / (1 - p), memory_format=torch.contiguous_format)  # kept elements: scaled by 1/(1-p)
+    drawn, last = [], -1  # last: the flat index of the last dropped position drawn so far
+    while last < n - 1:  # about the expected number of gaps to the end, then more until one passes it
+        k = int(p * (n - 1 - last)) + 16
+        pos = last + torch.empty(k, dtype=torch.long, device=x.device).geometric_(p).cumsum(0)  # (k,) increasing
+        drawn.append(pos)
+        last = int(pos[-1])
+    pos = torch.cat(drawn)
+    mask.view(-1)[pos[pos < n]] = 0
+    return x * mask
+
+
 class LoRALinear(nn.Module):
     """A frozen linear map plus a trainable low-rank update: y = W x + (alpha / r) * B A dropout(x).
 
     The frozen matrix keeps the name `weight`, so base checkpoints still load by Meta's names; the adapter adds
     `lora_A` (r, in), Kaiming-uniform, and `lora_B` (out, r), zero, so at step 0 the model equals its base.
+    Dropout (lora_dropout, training only) is drawn independently for each adapted projection, as PEFT does.
     """
 
     def __init__(self, weight: nn.Parameter, rank, alpha, dropout, dtype=None):
@@ -284,7 +307,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(rank, in_features, device=weight.device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank, device=weight.device, dtype=dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = dropout  # probability of zeroing an input element of the update, in training
         self.merged = False
 
     def delta(self):
@@ -297,7 +320,8 @@ class LoRALinear(nn.Module):
             return y
         # alpha/r scales the r activations per token, not the `out` outputs (PEFT's order): the same bits when alpha/r
         # is a power of two (r=16, alpha=32), else equal to float rounding; a 32x smaller multiply at r=16, dim 512
-        h = F.linear(self.dropout(x), self.lora_A) * self.scaling  # (..., r)
+        x = lora_dropout(x, self.dropout) if self.training and self.dropout else x
+        h = F.linear(x, self.lora_A) * self.scaling  # (..., r)
         return y + F.linear(h, self.lora_B)
 
     @torch.no_grad()

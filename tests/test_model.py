@@ -183,6 +183,60 @@ def test_lora_scaling_on_the_rank_r_activations(alpha):
     assert all(torch.equal(o, q) for o, q in zip(ours, peft)) == (alpha == 32)
 
 
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_lora_dropout_drops_each_element_independently_with_probability_p(p):
+    """The sparse sampler against the Bernoulli(p) law it stands for: every output is 0 or x / (1 - p); the count
+    dropped, in the whole tensor, in its last 2%, in the last 8 elements of 400 tensors (the end of the gap sums),
+    and of adjacent pairs (independence: n p^2) within 6 standard deviations; the gradient is the same mask; one seed gives one mask, another a different
+    one; outside training LoRALinear applies none."""
+    from model import lora_dropout
+    torch.manual_seed(0)
+    x = torch.rand(40, 5000) + 0.5  # no zeros of its own
+    torch.manual_seed(1)
+    xr = x.clone().requires_grad_()
+    y = lora_dropout(xr, p)
+    dropped, flat = y == 0, (y == 0).flatten()
+    assert torch.equal(y[~dropped], (x * torch.tensor(1 / (1 - p)))[~dropped])
+    def within_6_sd(count, n, q):
+        return abs(count - n * q) < 6 * (n * q * (1 - q)) ** 0.5
+    n = flat.numel()
+    assert within_6_sd(int(flat.sum()), n, p)
+    assert within_6_sd(int(flat[-n // 50:].sum()), n // 50, p)
+    assert within_6_sd(int((flat[1:] & flat[:-1]).sum()), n - 1, p * p)
+    ends = torch.stack([lora_dropout(torch.ones(40_000), p)[-8:] == 0 for _ in range(400)])  # the very end: the
+    assert within_6_sd(int(ends.sum()), ends.numel(), p)  # gap sums must pass it however many the draw needs
+    y.backward(torch.full_like(y, 3.0))
+    assert torch.equal(xr.grad, torch.where(dropped, 0.0, 3.0 * torch.tensor(1 / (1 - p))))
+    torch.manual_seed(1)
+    assert torch.equal(lora_dropout(x, p), y.detach())
+    assert not torch.equal(lora_dropout(x, p), y.detach())  # the generator moved on: a new mask
+    lin = LoRALinear(torch.nn.Parameter(torch.randn(8, 5000), requires_grad=False), rank=4, alpha=8, dropout=p)
+    torch.nn.init.normal_(lin.lora_B)
+    assert not torch.equal(lin(x), lin(x))
+    lin.eval()
+    assert torch.equal(lin(x), lin(x))
+
+
+def test_lora_dropout_is_replayed_by_activation_checkpointing():
+    """Recomputing a block in backward draws the same LoRA dropout masks (torch.utils.checkpoint restores the RNG
+    state): with checkpointing the loss and the adapter gradients equal those without, bit for bit."""
+    torch.manual_seed(0)
+    model = apply_lora(Transformer(ModelArgs(**ARGS)), rank=4, alpha=8, dropout=0.3).train()
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1)
+    tokens = torch.randint(0, ARGS["vocab_size"], (2, 16))
+    def loss_and_grads(checkpointed):
+        model.checkpoint_activations = checkpointed
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(7)
+        loss = model(tokens, targets=tokens).mean()
+        loss.backward()
+        return [loss] + [p.grad for p in model.parameters() if p.requires_grad]
+    for a, b in zip(loss_and_grads(False), loss_and_grads(True)):
+        assert torch.equal(a, b)
+
+
 def test_adapter_roundtrip_onto_same_base(tmp_path):
     torch.manual_seed(1)
     base = tiny()
