@@ -168,13 +168,13 @@ def bench_magnet(config):
                  gflop_per_token=flops / (n_a + n_bc) / 1e9, peak_mem_mib=(memory(device, True) - before) / 2**20)]
 
 
-def inference_setup(config):
+def inference_setup(config, dim, n_layers):
     """A random Magnet (EOS disabled: a random model may pick it) and a prompt, left and right of ~context tokens."""
     c, device = config["inference"], config["device"]
     corpus, _, tok = toy_world(config)
     tok.eos_id = -1  # with no EOS, generate makes exactly the tokens asked for
     torch.manual_seed(0)
-    args = ModelArgs(dim=c["dim"], n_layers=c["n_layers"], n_heads=8, vocab_size=tok.vocab_size, max_seq_len=1024)
+    args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=8, vocab_size=tok.vocab_size, max_seq_len=1024)
     magnet = Magnet(Transformer(args).to(device=device, dtype=getattr(torch, config["dtype"])).eval(), tok)
     ids = corpus.tokens[corpus.tokens != tok.bos_id]  # toy-world text, cut into pieces of ~context tokens
     return (magnet, *(tok.decode(ids[i * c["context"]:(i + 1) * c["context"]]) for i in range(3)))
@@ -185,7 +185,7 @@ def bench_unknown_length(config):
     read by the causal LM) against told it (the longest length, or the true one; cached): seconds per call and the
     ratio. Rows: a random model with ~context tokens a side; then the --real_* base + adapter on 10 of eval.py's
     text blanks (1-8 tokens, up to 64 context tokens a side), told the true length vs choosing among 1..8."""
-    magnet, _, left, right = inference_setup(config)
+    magnet, _, left, right = inference_setup(config, config["inference"]["dim"], config["inference"]["n_layers"])
     out = []
     for n in (4, 8, 16):
         told = median_time(lambda: magnet.infill(left, right, n), config)
@@ -203,20 +203,26 @@ def bench_unknown_length(config):
 
 def bench_inference(config):
     """New tokens/s of Magnet.generate and Magnet.infill (random weights, batch 1, greedy, EOS disabled) with the KV
-    cache and without it (the whole row recomputed for every new token). A time is one whole call: tokenizing and
-    the prompt/context pass included. same_text: the cached and uncached calls returned the same text."""
+    cache and without it (the whole row recomputed for every new token), at two sizes: a small model (the `inference`
+    config) and the --dim / --n_layers of the training benchmarks. A time is one whole call: tokenizing and the
+    prompt/context pass included; cached: median of --steps calls after a warmup; recomputed: one call (a forward of
+    the whole row per new token: minutes at the larger size). same_text: both calls returned the same text."""
     c = config["inference"]
-    magnet, prompt, left, right = inference_setup(config)
-    def row(task, n, context, call):  # call(use_cache) -> the new text; timed with the KV cache and without
-        texts = {True: [], False: []}
-        tps = {u: n / median_time(lambda: texts[u].append(call(u)), config) for u in (True, False)}
-        return dict(name=task, context_tokens=len(context), new_tokens=n, cached_tokens_per_s=tps[True],
-                    uncached_tokens_per_s=tps[False], speedup=tps[True] / tps[False],
-                    same_text=texts[True][-1] == texts[False][-1])
-    return [row("generate", c["new"], magnet.tok.encode(prompt, bos=True),
-                lambda u: magnet.generate(prompt, c["new"], use_cache=u)),
-            row("infill", c["gap"], sum(magnet.tok.context_ids(left, right), []),
-                lambda u: magnet.infill(left, right, c["gap"], use_cache=u))]
+    out = []
+    for dim, n_layers in dict.fromkeys([(c["dim"], c["n_layers"]), (config["dim"], config["n_layers"])]):
+        magnet, prompt, left, right = inference_setup(config, dim, n_layers)
+        def row(task, n, context, call):  # call(use_cache) -> the new text; timed with the KV cache and without
+            cached, text = [], []
+            tps = {True: n / median_time(lambda: cached.append(call(True)), config),
+                   False: n / timed(lambda: text.append(call(False)), config["device"])}
+            return dict(name=task, dim=dim, n_layers=n_layers, context_tokens=len(context), new_tokens=n,
+                        cached_tokens_per_s=tps[True], uncached_tokens_per_s=tps[False], speedup=tps[True] / tps[False],
+                        same_text=cached[-1] == text[-1])
+        out += [row("generate", c["new"], magnet.tok.encode(prompt, bos=True),
+                    lambda u: magnet.generate(prompt, c["new"], use_cache=u)),
+                row("infill", c["gap"], sum(magnet.tok.context_ids(left, right), []),
+                    lambda u: magnet.infill(left, right, c["gap"], use_cache=u))]
+    return out
 
 
 def bench_load(config):

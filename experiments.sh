@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Reproduce the README's "Results". Usage:  bash experiments.sh A | B | C
+# Reproduce the README's "Results". Usage:  bash experiments.sh A | B | C | C_seeds
 #   A: base = a causal model pretrained here on the toy world; adaptation and evaluation on the toy world.
 #   B: base = the real stories260K; adaptation on TinyStories text (its last 5% of stories held out for evaluation);
 #      STS-B test, CoNLL-2003, held-out TinyStories. Needs ../shared (or MAGNET_SHARED).
 #   C: base = the real SmolLM2-135M-Instruct (converted from ../shared's GGUF); adaptation on WikiText-2 text with
 #      SNLI entailment pairs as SSCL positives; LLM2Vec as published (MNTP, then supervised SimCSE); full STS-B test.
+#   C_seeds: C's magnet and llm2vec retrained with --seed=1 and 2, held-out PPL and STS-B (run C first: its base).
 # Every model is evaluated on the same data with the same settings. Checkpoints go to runs/ (not committed); the
 # JSON results and markdown tables go to results/.
 set -euo pipefail
@@ -13,7 +14,7 @@ setting=${1:?usage: bash experiments.sh A|B|C}
 runs=runs/$setting
 mkdir -p results "$runs"
 start=$(date +%s)
-train() { python train.py "$@" --seed=0 --demo=false --overwrite=true; }
+train() { python train.py --seed=0 "$@" --demo=false --overwrite=true; }  # a --seed passed in comes later: it wins
 
 if [ "$setting" = A ]; then
     train config/pretrain_toy.py --out_dir="$runs/base"
@@ -72,8 +73,27 @@ elif [ "$setting" = C ]; then
         --out=results/setting_c_ablations_encode.json | tee results/setting_c_ablations_encode.md
     echo "setting C: $(( $(date +%s) - start )) s wall time on $(nproc) CPU cores" | tee -a results/setting_c_text.md
     exit
+elif [ "$setting" = C_seeds ]; then
+    shared=${MAGNET_SHARED:-../shared}
+    base=runs/C/smollm2
+    [ -f "$base/params.json" ] || { echo "no $base: run 'bash experiments.sh C' first" >&2; exit 2; }
+    common=(config/smollm2.py --init_from="$base" --tokenizer="$base/tokenizer.json"
+            --data="$shared/data/wikitext2/valid.txt" --pairs="$shared/data/snli/entailment_pairs.tsv")
+    for seed in 1 2; do  # as C's magnet and llm2vec (both stages), another seed: data order, LoRA init, masks
+        train "${common[@]}" --seed=$seed --out_dir="$runs/magnet_s$seed"
+        train "${common[@]}" --seed=$seed --max_spans=0 --p_causal=0.0 --w_msg=0.0 --w_sscl=0.0 \
+            --out_dir="$runs/llm2vec_mntp_s$seed"
+        train "${common[@]}" --seed=$seed --init_from="$runs/llm2vec_mntp_s$seed/merged" --w_mntp=0.0 --w_msg=0.0 \
+            --pooling=mean --out_dir="$runs/llm2vec_s$seed"
+        python eval.py --ckpt=magnet_s$seed="$base::$runs/magnet_s$seed/adapter.pt" \
+            --ckpt=llm2vec_s$seed="$runs/llm2vec_mntp_s$seed/merged::$runs/llm2vec_s$seed/adapter.pt" \
+            --tokenizer="$base/tokenizer.json" --text_data="$shared/data/wikitext2/valid.txt" \
+            --sts_data="$shared/data/stsb/sts-test.csv" --suite=sts,ppl --limit=0 --seed=0 --overwrite=true \
+            --out=results/setting_c_seed$seed.json | tee results/setting_c_seed$seed.md
+    done
+    exit
 else
-    echo "unknown setting $setting (expected A, B or C)" >&2; exit 2
+    echo "unknown setting $setting (expected A, B, C or C_seeds)" >&2; exit 2
 fi
 
 # the adapted models: MAGNET, joint MNTP+SSCL (all-bidirectional, no MSG: LLM2Vec's two losses trained together,
