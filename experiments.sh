@@ -10,7 +10,7 @@
 # JSON results and markdown tables go to results/.
 set -euo pipefail
 cd "$(dirname "$0")"
-setting=${1:?usage: bash experiments.sh A|B|C}
+setting=${1:?usage: bash experiments.sh A|B|C|C_seeds}
 runs=runs/$setting
 mkdir -p results "$runs"
 start=$(date +%s)

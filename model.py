@@ -299,6 +299,8 @@ class LoRALinear(nn.Module):
 
     def __init__(self, weight: nn.Parameter, rank, alpha, dropout, dtype=None):
         super().__init__()
+        if not 0 <= dropout < 1:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
         out_features, in_features = weight.shape
         self.weight = weight
         self.scaling = alpha / rank

@@ -186,7 +186,8 @@ def test_lora_scaling_on_the_rank_r_activations(alpha):
 @pytest.mark.parametrize("p", [0.05, 0.5])
 def test_lora_dropout_drops_each_element_independently_with_probability_p(p):
     """The sparse sampler against the Bernoulli(p) law it stands for: every output is 0 or x / (1 - p); the count
-    dropped, in the whole tensor, in its last 2%, in the last 8 elements of 400 tensors (the end of the gap sums),
+    dropped, in the whole tensor, in its last 2%, in the first and last 8 elements of 400 tensors (where the gap sums
+    start and must end),
     and of adjacent pairs (independence: n p^2) within 6 standard deviations; the gradient is the same mask; one seed gives one mask, another a different
     one; outside training LoRALinear applies none."""
     from model import lora_dropout
@@ -203,8 +204,9 @@ def test_lora_dropout_drops_each_element_independently_with_probability_p(p):
     assert within_6_sd(int(flat.sum()), n, p)
     assert within_6_sd(int(flat[-n // 50:].sum()), n // 50, p)
     assert within_6_sd(int((flat[1:] & flat[:-1]).sum()), n - 1, p * p)
-    ends = torch.stack([lora_dropout(torch.ones(40_000), p)[-8:] == 0 for _ in range(400)])  # the very end: the
-    assert within_6_sd(int(ends.sum()), ends.numel(), p)  # gap sums must pass it however many the draw needs
+    masks = torch.stack([lora_dropout(torch.ones(40_000), p) == 0 for _ in range(400)])
+    for edge in (masks[:, :8], masks[:, -8:]):  # the first gap starts at index 0; the sums must pass the very end
+        assert within_6_sd(int(edge.sum()), edge.numel(), p)
     y.backward(torch.full_like(y, 3.0))
     assert torch.equal(xr.grad, torch.where(dropped, 0.0, 3.0 * torch.tensor(1 / (1 - p))))
     torch.manual_seed(1)
@@ -219,7 +221,8 @@ def test_lora_dropout_drops_each_element_independently_with_probability_p(p):
 
 def test_lora_dropout_is_replayed_by_activation_checkpointing():
     """Recomputing a block in backward draws the same LoRA dropout masks (torch.utils.checkpoint restores the RNG
-    state): with checkpointing the loss and the adapter gradients equal those without, bit for bit."""
+    state): with checkpointing the loss and the adapter gradients equal those without, bit for bit (and another seed
+    gives another loss, so the masks are really drawn). A dropout outside [0, 1) is refused when LoRA is applied."""
     torch.manual_seed(0)
     model = apply_lora(Transformer(ModelArgs(**ARGS)), rank=4, alpha=8, dropout=0.3).train()
     for name, param in model.named_parameters():
@@ -235,6 +238,11 @@ def test_lora_dropout_is_replayed_by_activation_checkpointing():
         return [loss] + [p.grad for p in model.parameters() if p.requires_grad]
     for a, b in zip(loss_and_grads(False), loss_and_grads(True)):
         assert torch.equal(a, b)
+    model.checkpoint_activations = False
+    torch.manual_seed(8)
+    assert not torch.equal(model(tokens, targets=tokens).mean(), loss_and_grads(False)[0])  # the masks matter
+    with pytest.raises(ValueError, match=r"LoRA dropout must be in \[0, 1\), got 1.0"):
+        apply_lora(Transformer(ModelArgs(**ARGS)), dropout=1.0)
 
 
 def test_adapter_roundtrip_onto_same_base(tmp_path):
