@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# Reproduce the README's "Results". Usage:  bash experiments.sh A | B | C | C_seeds
+# Reproduce the README's "Results". Usage:  bash experiments.sh A | B | C | C_ablations | C_seeds
 #   A: base = a causal model pretrained here on the toy world; adaptation and evaluation on the toy world.
 #   B: base = the real stories260K; adaptation on TinyStories text (its last 5% of stories held out for evaluation);
 #      STS-B test, CoNLL-2003, held-out TinyStories. Needs ../shared (or MAGNET_SHARED).
 #   C: base = the real SmolLM2-135M-Instruct (converted from ../shared's GGUF); adaptation on WikiText-2 text with
 #      SNLI entailment pairs as SSCL positives; LLM2Vec as published (MNTP, then supervised SimCSE); full STS-B test.
-#   C_seeds: C's magnet and llm2vec retrained with --seed=1 and 2, held-out PPL and STS-B (run C first: its base).
+#   C_ablations: C's magnet with one loss weight 0 (no_msg, no_sscl, no_mntp), evaluated as C's models.
+#   C_seeds: C's magnet and llm2vec retrained with --seed=1 and 2, held-out PPL and STS-B.
 # Every model is evaluated on the same data with the same settings. Checkpoints go to runs/ (not committed); the
 # JSON results and markdown tables go to results/.
 set -euo pipefail
 cd "$(dirname "$0")"
-setting=${1:?usage: bash experiments.sh A|B|C|C_seeds}
+setting=${1:?usage: bash experiments.sh A|B|C|C_ablations|C_seeds}
+case $setting in A | B | C | C_ablations | C_seeds) ;;
+    *) echo "unknown setting $setting (expected A, B, C, C_ablations or C_seeds)" >&2; exit 2 ;; esac
 runs=runs/$setting
 mkdir -p results "$runs"
 start=$(date +%s)
@@ -29,33 +32,39 @@ elif [ "$setting" = B ]; then
     eval_args=(--tokenizer="$tok" --suite=ppl,infill,repetition,sts,token --limit=500
                --text_data="$shared/data/tinystories/tinystories.txt" --sts_data="$shared/data/stsb/sts-test.csv"
                --token_data="$shared/data/conll2003")
-elif [ "$setting" = C ]; then
+else
+    # Setting C comes in three parts, each a few hours on a 2-core CPU; all three share one converted base
     shared=${MAGNET_SHARED:-../shared}
-    base=$runs/smollm2
+    base=runs/C/smollm2
     [ -f "$base/params.json" ] || python convert.py "$shared/assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" "$base"
     common=(config/smollm2.py --init_from="$base" --tokenizer="$base/tokenizer.json"
             --data="$shared/data/wikitext2/valid.txt" --pairs="$shared/data/snli/entailment_pairs.tsv")
+    # evaluation: generation-side suites on held-out WikiText; encoders on the full STS-B test and CoNLL-2003 (probe
+    # trained on 2000 train sentences, early-stopped on the full dev split, tested on the full test split)
+    data=(--tokenizer="$base/tokenizer.json" --text_data="$shared/data/wikitext2/valid.txt"
+          --sts_data="$shared/data/stsb/sts-test.csv" --token_data="$shared/data/conll2003" --seed=0 --overwrite=true)
+    # evaluate PREFIX CKPT...: the text and infill suites of these checkpoints, into results/setting_c_PREFIXtext.json
+    # and results/setting_c_PREFIXinfill.json
+    evaluate() {
+        local prefix=$1; shift
+        python eval.py "$@" "${data[@]}" --suite=ppl,repetition --limit=60 \
+            --out="results/setting_c_${prefix}text.json" | tee "results/setting_c_${prefix}text.md"
+        # infilling: gap perplexity, and blanks of 1-8 tokens filled told their length and not told it
+        python eval.py "$@" "${data[@]}" --suite=infill --limit=60 \
+            --out="results/setting_c_${prefix}infill.json" | tee "results/setting_c_${prefix}infill.md"
+    }
+fi
+if [ "$setting" = C ]; then  # the base, MAGNET, magnet_paper and LLM2Vec
     train "${common[@]}" --out_dir="$runs/magnet"
     # LLM2Vec as published: MNTP alone (all bidirectional), merged; then supervised SimCSE (mean pooling) on top
     train "${common[@]}" --max_spans=0 --p_causal=0.0 --w_msg=0.0 --w_sscl=0.0 --out_dir="$runs/llm2vec_mntp"
     train "${common[@]}" --init_from="$runs/llm2vec_mntp/merged" --w_mntp=0.0 --w_msg=0.0 --pooling=mean \
         --out_dir="$runs/llm2vec"
     train "${common[@]}" --p_causal=0.0 --out_dir="$runs/magnet_paper"
-    for loss in msg sscl mntp; do  # ablations: one loss weight 0, everything else as magnet
-        train "${common[@]}" --w_$loss=0.0 --out_dir="$runs/no_$loss"
-    done
-    # evaluation: generation-side suites on held-out WikiText; encoders on the full STS-B test and CoNLL-2003 (probe
-    # trained on 2000 train sentences, early-stopped on the full dev split, tested on the full test split). The base
-    # is read causally (its training) and bidirectionally (MAGNET's way); its four encoder settings on STS-B alone
     adapted=(--ckpt=magnet="$base::$runs/magnet/adapter.pt" --ckpt=magnet_paper="$base::$runs/magnet_paper/adapter.pt"
              --ckpt=llm2vec="$runs/llm2vec_mntp/merged::$runs/llm2vec/adapter.pt")
-    data=(--tokenizer="$base/tokenizer.json" --text_data="$shared/data/wikitext2/valid.txt"
-          --sts_data="$shared/data/stsb/sts-test.csv" --token_data="$shared/data/conll2003" --seed=0 --overwrite=true)
-    python eval.py --ckpt=base="$base" "${adapted[@]}" "${data[@]}" --suite=ppl,repetition --limit=60 \
-        --out=results/setting_c_text.json | tee results/setting_c_text.md
-    # infilling: gap perplexity, and blanks of 1-8 tokens filled told their length and not told it (up to 60; 33 on WikiText-2)
-    python eval.py --ckpt=base="$base" "${adapted[@]}" "${data[@]}" --suite=infill --limit=60 \
-        --out=results/setting_c_infill.json | tee results/setting_c_infill.md
+    evaluate "" --ckpt=base="$base" "${adapted[@]}"
+    # the base is read causally (its training) and bidirectionally (MAGNET's way); its four encoder settings on STS-B
     python eval.py --ckpt=base_causal="$base#attention=causal,pooling=mean" --ckpt=base_bidirectional="$base" \
         "${adapted[@]}" "${data[@]}" --suite=sts,token --limit=0 --probe_train=2000 \
         --out=results/setting_c_encode.json | tee results/setting_c_encode.md
@@ -63,22 +72,19 @@ elif [ "$setting" = C ]; then
         --ckpt=causal_last="$base#attention=causal,pooling=last" --ckpt=causal_mean="$base#attention=causal,pooling=mean" \
         --ckpt=bidirectional_last="$base#pooling=last" --ckpt=bidirectional_mean="$base#pooling=mean" \
         | tee results/setting_c_base_pooling.md
+    echo "setting C: $(( $(date +%s) - start )) s wall time on $(nproc) CPU cores" | tee -a results/setting_c_text.md
+elif [ "$setting" = C_ablations ]; then  # MAGNET with one loss weight 0, everything else as C's magnet
     ablations=()
-    for run in no_msg no_sscl no_mntp; do ablations+=(--ckpt="$run=$base::$runs/$run/adapter.pt"); done
-    python eval.py "${ablations[@]}" "${data[@]}" --suite=ppl,repetition --limit=60 \
-        --out=results/setting_c_ablations_text.json | tee results/setting_c_ablations_text.md
-    python eval.py "${ablations[@]}" "${data[@]}" --suite=infill --limit=60 \
-        --out=results/setting_c_ablations_infill.json | tee results/setting_c_ablations_infill.md
+    for loss in msg sscl mntp; do
+        train "${common[@]}" --w_$loss=0.0 --out_dir="$runs/no_$loss"
+        ablations+=(--ckpt="no_$loss=$base::$runs/no_$loss/adapter.pt")
+    done
+    evaluate ablations_ "${ablations[@]}"
     python eval.py "${ablations[@]}" "${data[@]}" --suite=sts,token --limit=0 --probe_train=2000 \
         --out=results/setting_c_ablations_encode.json | tee results/setting_c_ablations_encode.md
-    echo "setting C: $(( $(date +%s) - start )) s wall time on $(nproc) CPU cores" | tee -a results/setting_c_text.md
-    exit
+    echo "setting C_ablations: $(( $(date +%s) - start )) s wall time on $(nproc) CPU cores" \
+        | tee -a results/setting_c_ablations_text.md
 elif [ "$setting" = C_seeds ]; then
-    shared=${MAGNET_SHARED:-../shared}
-    base=runs/C/smollm2
-    [ -f "$base/params.json" ] || { echo "no $base: run 'bash experiments.sh C' first" >&2; exit 2; }
-    common=(config/smollm2.py --init_from="$base" --tokenizer="$base/tokenizer.json"
-            --data="$shared/data/wikitext2/valid.txt" --pairs="$shared/data/snli/entailment_pairs.tsv")
     for seed in 1 2; do  # as C's magnet and llm2vec (both stages), another seed: data order, LoRA init, masks
         train "${common[@]}" --seed=$seed --out_dir="$runs/magnet_s$seed"
         train "${common[@]}" --seed=$seed --max_spans=0 --p_causal=0.0 --w_msg=0.0 --w_sscl=0.0 \
@@ -87,14 +93,11 @@ elif [ "$setting" = C_seeds ]; then
             --pooling=mean --out_dir="$runs/llm2vec_s$seed"
         python eval.py --ckpt=magnet_s$seed="$base::$runs/magnet_s$seed/adapter.pt" \
             --ckpt=llm2vec_s$seed="$runs/llm2vec_mntp_s$seed/merged::$runs/llm2vec_s$seed/adapter.pt" \
-            --tokenizer="$base/tokenizer.json" --text_data="$shared/data/wikitext2/valid.txt" \
-            --sts_data="$shared/data/stsb/sts-test.csv" --suite=sts,ppl --limit=0 --seed=0 --overwrite=true \
-            --out=results/setting_c_seed$seed.json | tee results/setting_c_seed$seed.md
+            "${data[@]}" --suite=sts,ppl --limit=0 --out=results/setting_c_seed$seed.json \
+            | tee results/setting_c_seed$seed.md
     done
-    exit
-else
-    echo "unknown setting $setting (expected A, B, C or C_seeds)" >&2; exit 2
 fi
+if [[ $setting == C* ]]; then exit; fi
 
 # the adapted models: MAGNET, joint MNTP+SSCL (all-bidirectional, no MSG: LLM2Vec's two losses trained together,
 # not its published two-stage recipe), and MAGNET's ablations
