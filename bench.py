@@ -368,7 +368,8 @@ def main():
                    unknown_length=bench_unknown_length, load=bench_load, merge=bench_merge, vs_hf=bench_vs_hf)
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--bench", default="attention,magnet,inference,load", help="comma list of: " + ", ".join(BENCHES))
-    shared = Path(__file__).resolve().parent.parent / "shared"  # merge, unknown_length: a real base, text, adapter
+    # merge, unknown_length: a real base, text and tokenizer from ../shared (or MAGNET_SHARED, as the tests read it)
+    shared = Path(os.environ.get("MAGNET_SHARED", Path(__file__).resolve().parent.parent / "shared"))
     p.add_argument("--real_base", default=str(shared / "assets/stories260K/stories260K.bin"))
     p.add_argument("--real_tokenizer", default=str(shared / "assets/stories260K/tok512.model"))
     p.add_argument("--real_text", default=str(shared / "data/tinystories/tinystories.txt"))
