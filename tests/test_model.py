@@ -187,9 +187,8 @@ def test_lora_scaling_on_the_rank_r_activations(alpha):
 def test_lora_dropout_drops_each_element_independently_with_probability_p(p):
     """The sparse sampler against the Bernoulli(p) law it stands for: every output is 0 or x / (1 - p); the count
     dropped, in the whole tensor, in its last 2%, in the first and last 8 elements of 400 tensors (where the gap sums
-    start and must end),
-    and of adjacent pairs (independence: n p^2) within 6 standard deviations; the gradient is the same mask; one seed gives one mask, another a different
-    one; outside training LoRALinear applies none."""
+    start and must end), and of adjacent pairs (independence: n p^2) within 6 standard deviations; the gradient is the
+    same mask; one seed gives one mask, another a different one; outside training LoRALinear applies none."""
     from model import lora_dropout
     torch.manual_seed(0)
     x = torch.rand(40, 5000) + 0.5  # no zeros of its own
