@@ -45,6 +45,8 @@ class Magnet:
         self.model, self.tok = model, tokenizer
         self.weights = dict(mntp=w_mntp, msg=w_msg, sscl=w_sscl)
         self.temperature, self.pooling, self.instruction = temperature, pooling, instruction
+        # where the text starts in an SSCL / encode row (BOS + instruction + text + EOS): mean pooling starts there
+        self.text_start = 1 + len(tokenizer.encode(instruction)) if instruction else 0
         self.sscl_dropout = sscl_dropout  # SimCSE noise: attention dropout in the SSCL forward (views B, C) only
         if attention not in ("bidirectional", "causal"):
             raise ValueError(f"attention={attention!r}: expected 'bidirectional' or 'causal'")
@@ -83,7 +85,8 @@ class Magnet:
         if self.weights["sscl"]:
             hidden = self.model(b["sscl_tokens"], b["sscl_roles"], compute_logits=False,
                                 attn_dropout=self.sscl_dropout)  # (2B, T', dim); views B and C differ by the noise
-            z_b, z_c = pool(hidden, b["sscl_roles"], b["sscl_last"], self.pooling).chunk(2)  # (B, dim) each
+            z_b, z_c = pool(hidden, b["sscl_roles"], b["sscl_last"], self.pooling,
+                              self.text_start).chunk(2)  # (B, dim) each
             out["sscl"] = sscl_loss(z_b, z_c, self.temperature)
         out["total"] = sum(self.weights[k] * v for k, v in out.items())
         return out
@@ -253,7 +256,7 @@ class Magnet:
             tokens, roles, last = (x.to(self.device) for x in sscl_views(ids, self.tok, 10 ** 9, self.instruction))
             roles = self._encoder_roles(roles)
             hidden = self.model(tokens, roles, compute_logits=False)  # (b, T, dim)
-            out.append(pool(hidden, roles, last, pooling or self.pooling).float().cpu())
+            out.append(pool(hidden, roles, last, pooling or self.pooling, self.text_start).float().cpu())
         return torch.cat(out)
 
     @torch.no_grad()

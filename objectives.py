@@ -36,13 +36,15 @@ def msg_loss(nll, msg_labels, count=None):
     return _token_mean(nll, msg_labels, count)
 
 
-def pool(hidden, roles, last_index, pooling="last"):
+def pool(hidden, roles, last_index, pooling="last", first=0):
     """Sentence vectors from final hidden states (B, T, dim): the last real token (the paper's choice, here the EOS
-    at `last_index`) or the mean over non-PAD positions."""
+    at `last_index`) or the mean over non-PAD positions from `first` on (as LLM2Vec: with an instruction prefix,
+    `first` is the text's first position, so BOS and the instruction are left out of the mean)."""
     if pooling == "last":
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index]  # (B, dim)
     if pooling == "mean":
-        keep = (roles != PAD).unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+        keep = (roles != PAD) & (torch.arange(roles.shape[1], device=roles.device) >= first)  # (B, T)
+        keep = keep.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
         return (hidden * keep).sum(1) / keep.sum(1)  # (B, dim)
     raise ValueError(f"pooling={pooling!r}: expected 'last' or 'mean'")
 

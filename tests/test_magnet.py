@@ -160,6 +160,25 @@ def test_encode_is_deterministic_and_padding_free(tiny):
     assert len(pieces) == feats.shape[0] and feats.shape[1] == 48 and pieces[0] == "▁Mia"
 
 
+def test_mean_pooling_leaves_the_instruction_out(tiny):
+    """As LLM2Vec: with an instruction, the mean runs over the text and EOS only (BOS and the instruction attend and
+    are attended to, but are not averaged); without one, over every real position. Re-derived in float64."""
+    texts, instruction = ["Mia found a kite.", "A ball."], "Find the same story: "
+    m = Magnet(tiny.model, tiny.tok, pooling="mean", instruction=instruction)
+    model64 = Transformer(tiny.model.args).double()
+    model64.load_state_dict(tiny.model.state_dict())
+    for text, vector in zip(texts, m.encode(texts)):
+        prefix = [tiny.tok.bos_id] + tiny.tok.encode(instruction)
+        ids = torch.tensor([prefix + tiny.tok.encode(text) + [tiny.tok.eos_id]])
+        hidden = model64(ids, torch.full_like(ids, CONTEXT), compute_logits=False)[0]  # (T, dim)
+        assert torch.allclose(vector.double(), hidden[len(prefix):].mean(0), atol=1e-5)
+        assert not torch.allclose(vector.double(), hidden.mean(0), atol=1e-3)
+    plain = Magnet(tiny.model, tiny.tok, pooling="mean").encode(texts[:1])[0]
+    ids = torch.tensor([tiny.tok.encode(texts[0], bos=True) + [tiny.tok.eos_id]])
+    hidden = model64(ids, torch.full_like(ids, CONTEXT), compute_logits=False)[0]
+    assert torch.allclose(plain.double(), hidden.mean(0), atol=1e-5)
+
+
 def test_batched_and_causal_encoders_read_each_text_alone(tiny):
     """token_features over a padded batch equals one text at a time; attention="causal" (the base's way to encode)
     equals the plain causal forward: piece t's vector is its own output, sentence vectors ignore padding."""

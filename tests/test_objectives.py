@@ -67,6 +67,8 @@ def test_pooling():
     roles = torch.tensor([[CONTEXT, CONTEXT, 0], [CONTEXT, CONTEXT, CONTEXT]])
     assert torch.equal(pool(h, roles, torch.tensor([1, 2]), "last"), torch.stack([h[0, 1], h[1, 2]]))
     assert torch.allclose(pool(h, roles, None, "mean"), torch.stack([h[0, :2].mean(0), h[1].mean(0)]))
+    # from position 1 on (an instruction prefix left out): row 0 keeps position 1 only, row 1 positions 1-2
+    assert torch.allclose(pool(h, roles, None, "mean", first=1), torch.stack([h[0, 1], h[1, 1:].mean(0)]))
     with pytest.raises(ValueError, match="pooling"):
         pool(h, roles, None, "max")
 
