@@ -161,8 +161,8 @@ def test_encode_is_deterministic_and_padding_free(tiny):
 
 
 def test_mean_pooling_leaves_the_instruction_out(tiny):
-    """As LLM2Vec: with an instruction, the mean runs over the text and EOS only (BOS and the instruction attend and
-    are attended to, but are not averaged); without one, over every real position. Re-derived in float64."""
+    """With an instruction, the mean runs over the text and EOS only (BOS and the instruction attend and are attended
+    to, but are not averaged: LLM2Vec's rule); without one, over every real position. Re-derived in float64."""
     texts, instruction = ["Mia found a kite.", "A ball."], "Find the same story: "
     m = Magnet(tiny.model, tiny.tok, pooling="mean", instruction=instruction)
     model64 = Transformer(tiny.model.args).double()
