@@ -93,7 +93,8 @@ def test_row_nll_equals_a_float64_sum_one_row_at_a_time(toy):
     for n in (9, 23, 5, 17, 2):
         tokens = torch.randint(4, toy[2].vocab_size, (n,), generator=g).tolist()
         roles = torch.randint(data.CONTEXT, data.SPAN + 1, (n,), generator=g).tolist()
-        labels = [t if keep else data.IGNORE for t, keep in zip(tokens[1:] + [data.IGNORE], torch.rand(n, generator=g) < 0.5)]
+        keep = torch.rand(n, generator=g) < 0.5
+        labels = [t if k else data.IGNORE for t, k in zip(tokens[1:] + [data.IGNORE], keep)]
         labels[0] = tokens[1]  # at least one target per row
         rows.append((tokens, roles, labels))
     got = ev.row_nll(m, rows, batch_size=2)  # 3 batches, padded
