@@ -13,7 +13,7 @@ Two paths compute the same thing (tests hold them to 1e-5 in fp32, values and gr
   "math": explicit softmax(Q K^T / sqrt(d) + mask) V, softmax in fp32: the readable reference.
   "sdpa": torch's fused F.scaled_dot_product_attention; a batch that is all-causal or all-bidirectional passes no
           mask at all (is_causal=True / no mask), which lets GPUs use the flash kernels.
-(DESIGN's optional third path, FlexAttention's block-sparse kernel on CUDA, is not written: README, Design notes.)
+(DESIGN's optional third path, FlexAttention's block-sparse kernel on CUDA, is not written: docs/design.md §3.)
 """
 import math
 
@@ -25,7 +25,7 @@ BACKENDS = ("sdpa", "math")
 
 
 def hybrid_mask(q_roles, q_pos, k_roles, k_pos):
-    """Boolean mask (True = may attend) of DESIGN §3 for queries against keys.
+    """Boolean mask (True = may attend) of docs/design.md §3 for queries against keys.
 
     q_roles, q_pos: (B, T) roles and RoPE positions of the queries; k_roles, k_pos: (B, S) of the keys, S >= T.
     With a KV cache the keys are the cached positions followed by the T new ones, so query i's own key is S - T + i.

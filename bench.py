@@ -17,17 +17,19 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 import data
+import toy
 from attention import BACKENDS, CONTEXT, PAD, SPAN, hybrid_mask
+from checkpoint import load_adapter, load_checkpoint, merged_state_dict, save_checkpoint
+from eval import EvalConfig, blanks, suite_ppl
 from magnet import Magnet
-from eval import EvalConfig, blanks, provenance, suite_ppl
-from model import (LoRALinear, ModelArgs, Transformer, apply_lora, load_adapter, load_checkpoint, merged_state_dict,
-                   save_checkpoint)
+from model import LoRALinear, ModelArgs, Transformer, apply_lora
+from objectives import magnet_losses
+from runs import provenance
 
 
 def timed(fn, device):
@@ -126,14 +128,14 @@ def bench_attention(config):
 
 
 def toy_world(config):
-    """The toy corpus, its paraphrase pairs and its tokenizer (data.write_toy_world), made in a temp dir."""
+    """The toy corpus, its paraphrase pairs and its tokenizer (toy.write_world), made in a temp dir."""
     with tempfile.TemporaryDirectory() as tmp:
-        corpus, pairs, tok = data.write_toy_world(tmp, n_stories=config["stories"], vocab_size=config["toy_vocab"])
+        corpus, pairs, tok = toy.write_world(tmp, n_stories=config["stories"], vocab_size=config["toy_vocab"])
         return data.TextCorpus(corpus, tok, cache_dir=tmp), data.read_pairs(pairs), tok
 
 
 def bench_magnet(config):
-    """One full MAGNET training step, Magnet.losses on one data.magnet_batch of the toy world (made once, untimed;
+    """One full MAGNET training step, objectives.magnet_losses on one data.magnet_batch of the toy world (made once, untimed;
     view A rows of seq tokens, SSCL positives = paraphrase pairs) with a Llama-2-size vocabulary (32000): view A
     forward (MNTP+MSG, logits at target positions only), views B/C forward (SSCL), backward, AdamW on the LoRA (r=16)
     parameters. Tokens = non-PAD tokens of views A, B and C. With --dtype=bfloat16 the base is bf16 and the adapters
@@ -150,13 +152,13 @@ def bench_magnet(config):
     with torch.device(device):  # initialised where it runs (a 7B-shape model on the GPU)
         model = apply_lora(Transformer(args).to(dtype), rank=16, dtype=torch.float32)
     model.checkpoint_activations = config["checkpoint_activations"]
-    magnet = Magnet(model.train(), SimpleNamespace(vocab_size=32000, path="(toy ids in a 32000 vocabulary)"))
+    model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     before = memory(device)
     def step():
         opt.zero_grad(set_to_none=True)
         with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=dtype == torch.bfloat16):
-            loss = magnet.losses(batch)["total"]
+            loss = magnet_losses(model, batch, dict(mntp=1.0, msg=1.0, sscl=1.0))["total"]
         loss.backward()
         opt.step()
     # FLOPs: view A with logits at its target positions, views B/C without the output projection
@@ -321,8 +323,7 @@ def bench_vs_hf(config):
     args = ModelArgs(dim=dim, n_layers=L, n_heads=8, vocab_size=V, max_seq_len=T)
     if config["impl"] == "magnet":
         model = apply_lora(Transformer(args), rank=16, alpha=32, dropout=config["lora_dropout"]).to(device).train()
-        magnet = Magnet(model, SimpleNamespace(vocab_size=V, path="(none)"), w_sscl=0)
-        loss_fn = lambda: magnet.losses(batch)["total"]
+        loss_fn = lambda: magnet_losses(model, batch, dict(mntp=1.0, msg=1.0, sscl=0.0))["total"]
     else:
         import peft, transformers
         hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
-from data import Tokenizer, copy_tokenizer, tokenizer_beside
-from model import CheckpointError, ModelArgs, Transformer, check_params, read_json_object
+from checkpoint import CheckpointError, check_params, copy_tokenizer, read_json_object, tokenizer_beside
+from data import Tokenizer
+from model import ModelArgs, Transformer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WRITTEN = {"params.json", "consolidated.00.pth", "tokenizer.model", "tokenizer.json", "tokenizer_config.json"}

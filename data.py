@@ -1,18 +1,15 @@
-"""Data for MAGNET: the tokenizer, text corpora, the toy world, the three-view MAGNET batch, and eval-set readers.
+"""Data for MAGNET: the tokenizer, text corpora and the three-view MAGNET batch (docs/design.md §4, §6).
 
-One training example is seen through three views (DESIGN §4):
+One training example is seen through three views:
   view A    a corpus chunk with hybrid roles: some spans to generate (MSG), the rest context with 20% of it
             masked for MNTP. Labels use the next-token shift: the output at t-1 predicts the token at t.
   views B/C two short texts for SSCL, all CONTEXT with EOS appended: a text and its positive (a paraphrase when
             the data has pairs, otherwise the same text, made different by dropout noise as in SimCSE).
 """
 import hashlib
-import io
 import json
 import os
-import random
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,34 +119,6 @@ class Tokenizer:
         return self.encode(left, bos=True), self.encode_after(left or "x", right)
 
 
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")  # SentencePiece, or Hugging Face's (+ tokenizer_config.json)
-
-
-def tokenizer_beside(directory):
-    """The tokenizer file a checkpoint directory holds (the first of TOKENIZER_FILES present), else None."""
-    return next((Path(directory) / n for n in TOKENIZER_FILES if (Path(directory) / n).is_file()), None)
-
-
-def copy_tokenizer(path, directory):
-    """Copy a tokenizer into a checkpoint directory under its usual name; a tokenizer.json brings the
-    tokenizer_config.json beside it (its special tokens and BOS convention)."""
-    path, directory = Path(path), Path(directory)
-    shutil.copyfile(path, directory / TOKENIZER_FILES[path.suffix == ".json"])
-    if path.suffix == ".json" and (path.parent / "tokenizer_config.json").is_file():
-        shutil.copyfile(path.parent / "tokenizer_config.json", directory / "tokenizer_config.json")
-
-
-def train_tokenizer(texts, path, vocab_size):
-    """Train a small BPE SentencePiece model (unk=0, bos=1, eos=2, as Llama's) on `texts`; writes `path`."""
-    out = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=out, vocab_size=vocab_size,
-                                   model_type="bpe", character_coverage=1.0,
-                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_bytes(out.getvalue())
-    return Tokenizer(path)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Corpora
 
@@ -242,11 +211,11 @@ def read_pairs(path):
 class BatchConfig:
     batch_size: int = 16  # rows per micro-step, over all ranks; a step sees batch_size * grad_accum rows
     seq_len: int = 128  # view A: BOS + up to seq_len tokens
-    max_spans: int = 3
-    span_min: int = 8
-    span_max: int = 32
+    max_spans: int = 3  # MSG: 1..max_spans spans a row (0: none, as the LLM2Vec baseline's all-context rows)
+    span_min: int = 8  # MSG: tokens a span, at least (clipped in short rows)
+    span_max: int = 32  # MSG: tokens a span, at most
     p_causal: float = 0.1  # rows that are one span after BOS: plain next-token prediction (our choice)
-    mntp_rate: float = 0.2
+    mntp_rate: float = 0.2  # MNTP: the share of context tokens masked (80% mask token, 10% random, 10% kept)
     sscl_len: int = 48  # max tokens of an SSCL text (before EOS)
     instruction: str = ""  # optional prefix of every SSCL text (the paper mentions one; empty by default)
 
@@ -317,6 +286,12 @@ def sscl_views(texts, tok: Tokenizer, max_len, instruction=""):
         torch.tensor([len(r) - 1 for r in rows])
 
 
+def text_start(tok: Tokenizer, instruction=""):
+    """Where the text starts in an sscl_views row (after BOS + instruction): mean pooling starts there, as LLM2Vec's
+    leaves the instruction out; 0 without an instruction (BOS is then averaged in too)."""
+    return 1 + len(tok.encode(instruction)) if instruction else 0
+
+
 def magnet_batch(corpus: TextCorpus, cfg: BatchConfig, rng, pairs=None):
     """The three views for one step; deterministic given the numpy Generator `rng`.
 
@@ -348,183 +323,3 @@ def batch_rows(batch, i, n):
         b, c = batch[k].chunk(2)  # views B and C are stacked
         out[k] = torch.cat([b[take], c[take]])
     return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Eval-set readers
-
-def read_sts(path):
-    """STS-B layout: tab-separated, gold score 0-5 in field 5, sentences in fields 6 and 7 (extra fields ignored)."""
-    rows = []
-    for n, line in enumerate(read_text(path).splitlines(), 1):
-        f = line.split("\t")
-        try:
-            rows.append((f[5], f[6], float(f[4])))
-            assert np.isfinite(rows[-1][2]) and f[5].strip() and f[6].strip()
-        except (IndexError, ValueError, AssertionError):
-            raise ValueError(f"{path}, line {n}: expected >= 7 tab-separated fields with a finite score in field 5 "
-                             f"and sentences in fields 6 and 7, got {line[:80]!r}") from None
-    if not rows:
-        raise ValueError(f"{path}: no sentence pairs")
-    return rows
-
-
-def read_conll(path):
-    """CoNLL-2003 columns (word POS chunk NER), blank line between sentences, -DOCSTART- lines skipped.
-    Returns a list of sentences, each a dict of equal-length lists: words, pos, chunk, ner."""
-    sentences, current = [], []
-    for n, line in enumerate(read_text(path).splitlines() + [""], 1):
-        if not line.strip() or line.startswith("-DOCSTART-"):
-            if current:
-                sentences.append({k: [c[i] for c in current] for i, k in enumerate(("words", "pos", "chunk", "ner"))})
-            current = []
-            continue
-        cols = line.split()
-        if len(cols) != 4:
-            raise ValueError(f"{path}, line {n}: expected 4 columns (word POS chunk NER), got {line[:80]!r}")
-        current.append(cols)
-    if not sentences:
-        raise ValueError(f"{path}: no sentences")
-    return sentences
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The toy world: simple English stories with known answers, generated from a seed (no download)
-#
-# Every story opens with "<name> found a <object> <place>." The object is drawn independently of everything
-# before it and is named again only in the NEXT sentence, so a blank over it is determined by the right context
-# alone: a causal model is at chance (1/8), a model that reads both sides is not. Objects are named by 1 to 4
-# words ("kite", "story book", "little paper boat", ...), so the blank's LENGTH is also known only from the right:
-# the test of infilling without being told the gap's size. Sentences built from a frame
-# (name, verb, object, place) have several surface forms, giving paraphrases and pairs of graded similarity.
-# Each word carries a part-of-speech tag (lexicon below; "word/TAG" in a template overrides it, e.g. "light"
-# is a NOUN in "a warm light" and an ADJ in "the drum was light").
-
-EVAL_SEED = 1_000_000  # toy-world evaluation data comes from seeds >= this; training data from the run's seed
-NAMES = ["Mia", "Tom", "Sam", "Lily", "Ben", "Anna", "Max", "Zoe"]
-OBJECTS = {"kite": "it flew high in the wind", "ball": "it bounced on the grass",
-           "story book": "it had many pages", "birthday cake": "it tasted very sweet",
-           "little paper boat": "it floated on the pond", "big toy drum": "it made a loud sound",
-           "shiny old oil lamp": "it gave a warm light", "funny straw sun hat": "it kept the sun away"}
-PLACES = ["under the tree", "in the garden", "near the river", "in a box", "behind the house", "on the hill"]
-ADJECTIVES = ["red", "blue", "green", "yellow", "big", "small", "old", "light/ADJ"]
-VERBS = [("found", "discovered"), ("spotted", "noticed"), ("lost", "misplaced"), ("bought", "purchased")]
-LEXICON = {tag: words.split() for tag, words in {
-    "NOUN": "kite ball story book birthday cake paper boat toy drum oil lamp straw hat tree garden river box house "
-            "hill wind grass pages pond sound light sun day morning",
-    "VERB": "found discovered spotted noticed lost misplaced bought purchased was flew bounced had tasted floated "
-            "made gave kept wanted play played went were",
-    "ADJ": "red blue green yellow big small old many sweet loud warm happy good little shiny funny",
-    "DET": "a the A The",
-    "ADP": "under Under in In near Near behind Behind on On by with to",
-    "PRON": "it It They",
-    "PUNCT": ". ,",
-    "NAME": " ".join(NAMES)}.items()}
-WORD_TAG = {w: tag for tag, words in LEXICON.items() for w in words}  # anything else: OTHER (very, high, and, ...)
-
-
-def tag_words(sentence):
-    """(words, tags) of a marked-up toy sentence."""
-    words, tags = [], []
-    for w in re.findall(r"[\w/]+|[.,]", sentence):
-        word, _, tag = w.partition("/")
-        words.append(word)
-        tags.append(tag or WORD_TAG.get(word, "OTHER"))
-    return words, tags
-
-
-def plain(text):
-    return re.sub(r"/[A-Z]+", "", text)
-
-
-def frame_sentence(frame, rng, avoid=None):
-    """One surface form of a (name, verb, object, place) frame: 3 word orders x 2 synonyms of the verb."""
-    name, verb, obj, place = frame
-    forms = [(f"{name} {v} a {obj} {place}.", f"{place[0].upper() + place[1:]}, {name} {v} a {obj}.",
-              f"A {obj} was {v} by {name} {place}.")[k] for k in range(3) for v in VERBS[verb]]
-    return rng.choice([f for f in forms if f != avoid])
-
-
-def random_frame(rng):
-    return rng.choice(NAMES), rng.randrange(len(VERBS)), rng.choice(list(OBJECTS)), rng.choice(PLACES)
-
-
-def held_out(frame):
-    """Object/place combinations reserved for evaluation pairs (never used as SSCL training pairs)."""
-    return (list(OBJECTS).index(frame[2]) + PLACES.index(frame[3])) % 4 == 0
-
-
-def toy_story(rng):
-    """A story as marked-up sentences; the first names an object that only the second sentence identifies."""
-    name, friend = rng.sample(NAMES, 2)
-    obj, place, adj = rng.choice(list(OBJECTS)), rng.choice(PLACES), rng.choice(ADJECTIVES)
-    opening = rng.choice(["", "One day, ", "In the morning, "])
-    return [f"{opening}{name} found a {obj} {place}.",
-            f"The {obj} was {adj} and {OBJECTS[obj]}.",
-            rng.choice([f"{name} gave the {obj} to {friend}.", f"{friend} wanted to/OTHER play with the {obj}.",
-                        f"{name} and {friend} played with the {obj} all day."]),
-            frame_sentence(random_frame(rng), rng),
-            rng.choice(["They were very happy.", f"Then {name} went home.", "It was a good day."])]
-
-
-def toy_stories(n, seed):
-    rng = random.Random(seed)
-    return [plain(" ".join(toy_story(rng))) for _ in range(n)]
-
-
-def toy_blanks(n, seed):
-    """(left, answer, right) triples: the answer is the object (1-4 words) that only the right context names."""
-    out = []
-    for text in toy_stories(n, seed):
-        found = re.search(" found a (" + "|".join(OBJECTS) + ") ", text)  # the first sentence's object
-        out.append((text[:found.start(1) - 1], found.group(1), text[found.end(1):]))
-    return out
-
-
-def toy_pairs(n, seed, split):
-    """STS-style (a, b, score) pairs: b changes d of the 4 frame slots, score = 5 (4 - d) / 4; d = 0 is a
-    paraphrase. split="test" uses only held-out frames, split="train" only the others."""
-    rng, out = random.Random(seed), []
-    slot_values = [NAMES, range(len(VERBS)), list(OBJECTS), PLACES]
-    while len(out) < n:
-        a = random_frame(rng)
-        if held_out(a) != (split == "test"):
-            continue
-        d, b = rng.randint(0, 4), list(a)
-        for slot in rng.sample(range(4), d):
-            b[slot] = rng.choice([v for v in slot_values[slot] if v != a[slot]])
-        first = frame_sentence(a, rng)
-        out.append((plain(first), plain(frame_sentence(tuple(b), rng, avoid=first)), 5 * (4 - d) / 4))
-    return out
-
-
-def toy_multiple_choice(n, seed):
-    """{"context", "choices", "label"} items: which property does the object named in the context have?"""
-    rng, items = random.Random(seed), []
-    for _ in range(n):
-        name, obj, place = rng.choice(NAMES), rng.choice(list(OBJECTS)), rng.choice(PLACES)
-        context = f"{name} found a {obj} {place}. The {obj} was {plain(rng.choice(ADJECTIVES))} and"
-        choices = [f" {fact}." for fact in rng.sample(list(OBJECTS.values()), 4)]
-        if f" {OBJECTS[obj]}." not in choices:
-            choices[rng.randrange(4)] = f" {OBJECTS[obj]}."
-        items.append(dict(context=context, choices=choices, label=choices.index(f" {OBJECTS[obj]}.")))
-    return items
-
-
-def toy_tagged(n, seed):
-    """Tagged sentences in read_conll's layout (key "pos" holds the toy tags)."""
-    rng = random.Random(seed)
-    sentences = [s for _ in range(n) for s in toy_story(rng)][:n]
-    return [dict(zip(("words", "pos"), tag_words(s))) for s in sentences]
-
-
-def write_toy_world(directory, n_stories=4000, n_pairs=4000, seed=0, vocab_size=256):
-    """Write the toy corpus (stories.txt), SSCL paraphrase pairs (pairs.tsv) and a tokenizer (tok.model).
-    Returns (corpus path, pairs path, Tokenizer). Deterministic for a seed."""
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    stories = toy_stories(n_stories, seed)
-    (d / "stories.txt").write_text("\n\n".join(stories) + "\n", encoding="utf-8")
-    pairs = [(a, b) for a, b, score in toy_pairs(4 * n_pairs, seed, "train") if score == 5][:n_pairs]
-    (d / "pairs.tsv").write_text("".join(f"{a}\t{b}\n" for a, b in pairs), encoding="utf-8")
-    return d / "stories.txt", d / "pairs.tsv", train_tokenizer(stories, d / "tok.model", vocab_size)

@@ -1,4 +1,4 @@
-"""Evaluate checkpoints side by side on the paper's suites (DESIGN §8):
+"""Evaluate checkpoints side by side on the paper's suites (docs/design.md §8):
 
     python eval.py --suite=ppl,infill,repetition,sts,token,mc --ckpt=base=out/base/merged \
                    --ckpt=magnet=out/merged --limit=200 --out=results.json
@@ -17,15 +17,10 @@ the checkpoints and the settings) and a markdown table with one column per check
   token       linear probe on frozen token features: POS / chunk / NER accuracy and entity F1 (or toy tags)
   mc          multiple choice by summed and length-normalised log-likelihood
 """
-import hashlib
 import json
-import os
-import platform
 import re
-import shutil
-import subprocess
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,41 +28,40 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import data
+import runs
+import toy
 from attention import CONTEXT, PAD, SPAN
+from checkpoint import CheckpointError, tokenizer_beside
+from config import ConfigError, parse, validate_eval_config
 from data import IGNORE, TextCorpus, pad_rows
+from eval_data import EvalError, data_record, read_conll, read_mc, read_sts
 from magnet import Magnet
-from model import CheckpointError
 
 SUITES = ("ppl", "infill", "repetition", "sts", "token", "mc")
 
 
 @dataclass
 class EvalConfig:
-    suite: str = ",".join(SUITES)
+    suite: str = ",".join(SUITES)  # comma-separated, among ppl, infill, repetition, sts, token, mc
     tokenizer: str = ""  # "" = tokenizer.model or .json beside the (base) checkpoint
     text_data: str = "toy"  # held-out text for ppl / infill / repetition (a text file: its last 5% of paragraphs)
-    sts_data: str = "toy"  # STS-B layout TSV
+    sts_data: str = "toy"  # STS TSV: the STS-B layout, or sentence1<TAB>sentence2<TAB>score
     token_data: str = "toy"  # a directory with CoNLL-2003 train.txt, valid.txt, test.txt
     mc_data: str = "toy"  # JSONL: {"context", "choices", "label"}
     limit: int = 200  # examples per suite (0 = all); the token probe's training split has its own key
     probe_train: int = 0  # sentences the token probe trains on (0 = the whole train split; toy world: 300)
-    seed: int = 0
+    seed: int = 0  # of the toy world's evaluation data, the blanks' places and the probe
     max_len: int = 256  # tokens per held-out passage
     gap: int = 8  # infill: gap length in tokens of the gap perplexity
     max_gap: int = 8  # infill: a text file's blanks are 1..max_gap tokens; not told, the model chooses 1..max_gap
     prefix_len: int = 32  # repetition: prompt tokens
     cont_len: int = 96  # repetition: generated tokens
     pooling: str = ""  # "" = what each model was trained with (stored with its adapter), else "last" or "mean"
-    out: str = "eval.json"
+    out: str = "eval.json"  # the JSON report (results, settings, data hashes, provenance)
     overwrite: bool = False  # replace an existing --out file
-    keep_going: bool = False
+    keep_going: bool = False  # record a failing suite's error and go on
     cache_dir: str = ".cache"  # tokenized --text_data (as train.py's)
     device: str = "cpu"  # "cuda" evaluates in the checkpoint's dtype (bf16 for Meta's files) on the GPU
-
-
-class EvalError(ValueError):
-    pass
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -152,7 +146,7 @@ def causal_row(tokens, first_target):
 
 def held_out_passages(cfg, tok):
     if cfg.text_data == "toy":
-        stories = data.toy_stories(cfg.limit or 200, data.EVAL_SEED + cfg.seed)
+        stories = toy.stories(cfg.limit or 200, toy.EVAL_SEED + cfg.seed)
         return [tok.encode(s, bos=True)[:cfg.max_len] for s in stories]
     corpus = TextCorpus(cfg.text_data, tok, split="val", cache_dir=cfg.cache_dir)
     rows = [corpus.tokens[s:e][:cfg.max_len].tolist() for s, e in zip(corpus.starts, corpus.ends)]
@@ -198,7 +192,7 @@ def blanks(m, cfg):
     file's are uniform in length, at random places, with up to BLANK_CONTEXT tokens of context on each side."""
     out = []
     if cfg.text_data == "toy":
-        for left, answer, right in data.toy_blanks(min(cfg.limit or 100, 100), data.EVAL_SEED + cfg.seed):
+        for left, answer, right in toy.blanks(min(cfg.limit or 100, 100), toy.EVAL_SEED + cfg.seed):
             lids, rids = m.tok.context_ids(left, right)
             out.append((lids, m.tok.encode_after(left, " " + answer), rids, left))
         return out
@@ -249,8 +243,8 @@ def suite_repetition(m, cfg):
 
 
 def suite_sts(m, cfg):
-    pairs = data.toy_pairs(cfg.limit or 500, data.EVAL_SEED + cfg.seed, "test") if cfg.sts_data == "toy" \
-        else limited(data.read_sts(cfg.sts_data), cfg)
+    pairs = toy.sts_pairs(cfg.limit or 500, toy.EVAL_SEED + cfg.seed, "test") if cfg.sts_data == "toy" \
+        else limited(read_sts(cfg.sts_data), cfg)
     gold = [p[2] for p in pairs]
     if len(pairs) < 2 or len(set(gold)) < 2:
         raise EvalError(f"{cfg.sts_data}: Spearman needs >= 2 pairs with different gold scores "
@@ -301,12 +295,12 @@ def train_probe(x, y, x_dev, y_dev, n_classes, seed, epochs=300, patience=20):
 def token_splits(cfg):
     """train / dev / test tagged sentences; --limit cuts dev and test, --probe_train the training split."""
     if cfg.token_data == "toy":
-        seed = data.EVAL_SEED + cfg.seed + 10
-        return {s: data.toy_tagged(n, seed + i) for i, (s, n) in
+        seed = toy.EVAL_SEED + cfg.seed + 10
+        return {s: toy.tagged_sentences(n, seed + i) for i, (s, n) in
                 enumerate((("train", cfg.probe_train or 300), ("dev", cfg.limit or 300), ("test", cfg.limit or 300)))}
     d = Path(cfg.token_data)
-    splits = {s: limited(data.read_conll(d / f), cfg) for s, f in (("dev", "valid.txt"), ("test", "test.txt"))}
-    return dict(train=data.read_conll(d / "train.txt")[:cfg.probe_train or None], **splits)
+    splits = {s: limited(read_conll(d / f), cfg) for s, f in (("dev", "valid.txt"), ("test", "test.txt"))}
+    return dict(train=read_conll(d / "train.txt")[:cfg.probe_train or None], **splits)
 
 
 def suite_token(m, cfg):
@@ -330,21 +324,6 @@ def suite_token(m, cfg):
     return results
 
 
-def read_mc(path):
-    items = []
-    for n, line in enumerate(data.read_text(path).splitlines(), 1):
-        try:
-            item = json.loads(line)
-            assert isinstance(item["choices"], list) and 0 <= item["label"] < len(item["choices"])
-            assert all(str(c).strip() for c in item["choices"])  # acc_norm divides by each choice's length
-            items.append(dict(context=str(item["context"]), choices=[str(c) for c in item["choices"]],
-                              label=int(item["label"])))
-        except (json.JSONDecodeError, KeyError, TypeError, AssertionError):
-            raise EvalError(f"{path}, line {n}: expected {{\"context\": str, \"choices\": [non-empty str, ...], "
-                            f"\"label\": index}}, got {line[:80]!r}") from None
-    return items
-
-
 def choice_rows(tok, context, choices):
     """One causal row per choice that scores only the choice's pieces, tokenized as in context + choice (as
     lm-evaluation-harness does; encoding the choice alone would score a stray piece, e.g. Llama-2's "▁")."""
@@ -355,7 +334,7 @@ def choice_rows(tok, context, choices):
 def suite_mc(m, cfg):
     """acc: the choice with the highest summed log-likelihood; acc_norm: per character of the choice's text, as
     lm-evaluation-harness normalises."""
-    items = data.toy_multiple_choice(cfg.limit or 200, data.EVAL_SEED + cfg.seed) if cfg.mc_data == "toy" \
+    items = toy.multiple_choice(cfg.limit or 200, toy.EVAL_SEED + cfg.seed) if cfg.mc_data == "toy" \
         else limited(read_mc(cfg.mc_data), cfg)
     nll = row_nll(m, [row for it in items for row in choice_rows(m.tok, it["context"], it["choices"])])
     right, right_norm, sums = 0, 0, iter(s for s, _ in nll)
@@ -401,28 +380,14 @@ def load(spec, cfg):
         if not Path(p).exists():
             raise EvalError(f"--ckpt={spec}: no such checkpoint {p} (expected [name=]PATH, PATH a Meta directory, "
                             "a llama2.c .bin or BASE::ADAPTER)")
-    tok = cfg.tokenizer or str(data.tokenizer_beside(base) or Path(base) / "tokenizer.model")
+    tok = cfg.tokenizer or str(tokenizer_beside(base) or Path(base) / "tokenizer.model")
     if not Path(tok).is_file():
         raise EvalError(f"no tokenizer for {base}: pass --tokenizer=PATH")
     return name, Magnet.load(base, tok, adapter=adapter or None, device=cfg.device, **options)
 
 
-def describe(path, suite):
-    """What a result was computed on: the file(s), size and hash (or just "toy" for the built-in toy world)."""
-    if path == "toy":
-        return {"path": "toy"}
-    if suite == "token" and not Path(path).is_dir():
-        raise EvalError(f"--token_data={path}: expected a directory with CoNLL-2003 train.txt, valid.txt, test.txt")
-    files = [Path(path) / f for f in ("train.txt", "valid.txt", "test.txt")] if suite == "token" else [Path(path)]
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing:
-        need = " (the token suite needs train.txt, valid.txt and test.txt)" if suite == "token" else ""
-        raise EvalError(f"{', '.join(missing)}: data file not found{need}")
-    return {"path": path, "bytes": sum(f.stat().st_size for f in files),
-            "sha256": hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:16]}
-
-
 def markdown(results):
+    """One table: a row per (suite, metric), a column per checkpoint."""
     names = list(results)
     keys = sorted({(s, k) for r in results.values() for s, v in r.items() for k in v}, key=lambda x: (
         SUITES.index(x[0]), x[1]))
@@ -434,50 +399,6 @@ def markdown(results):
     return "\n".join(lines)
 
 
-def parse(argv):
-    cfg, ckpts, types = EvalConfig(), [], {f.name: type(f.default) for f in fields(EvalConfig)}
-    for arg in argv:
-        key, eq, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or not eq:
-            raise EvalError(f"{arg}: expected --key=value")
-        if key == "ckpt":
-            ckpts.append(value)
-        elif key not in types:
-            raise EvalError(f"unknown key {key!r}; valid keys: ckpt, {', '.join(types)}")
-        else:
-            try:
-                setattr(cfg, key, {"true": True, "false": False}[value.lower()] if types[key] is bool
-                        else types[key](value))
-            except (KeyError, ValueError):
-                raise EvalError(f"{arg}: {key} expects {types[key].__name__}") from None
-    unknown = set(cfg.suite.split(",")) - set(SUITES)
-    if unknown or not ckpts:
-        raise EvalError(f"need --ckpt=... and suites among {SUITES} (unknown: {sorted(unknown)})")
-    bad = [f"{k}={getattr(cfg, k)}" for k, least in dict(limit=0, probe_train=0, seed=0, max_len=2, gap=1, max_gap=1,
-                                                         prefix_len=1, cont_len=1).items() if getattr(cfg, k) < least]
-    kind = cfg.device.partition(":")[0]
-    if bad or kind not in ("cpu", "cuda") or (kind == "cuda" and not torch.cuda.is_available()):
-        raise EvalError(f"out of range: {', '.join(bad) or f'device={cfg.device}'} (limit, probe_train and seed >= 0, "
-                        "max_len >= 2, the other lengths >= 1; device cpu, or cuda[:N] when torch sees a GPU)")
-    names = [split_spec(spec)[0] for spec in ckpts]
-    if len(set(names)) < len(names):
-        raise EvalError(f"two --ckpt have the same name ({names}); name them: --ckpt=NAME=PATH")
-    return cfg, ckpts
-
-
-def provenance():
-    """The code and machine a result comes from: the commit (with "+changes" when a tracked .py, .sh or config file
-    differs from it), torch, and the CPU / GPU."""
-    git = lambda *a: subprocess.run(["git", *a], cwd=Path(__file__).parent, capture_output=True, text=True).stdout \
-        if shutil.which("git") else ""  # no git on the machine: "unknown" (a copied tree without .git: the same)
-    commit = git("rev-parse", "--short", "HEAD").strip() or "unknown"
-    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "*.py", "*.sh", "config").strip()
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    return dict(commit=commit + ("+changes" if dirty else ""), torch=torch.__version__, cpu=cpu,
-                cpu_cores=os.cpu_count(), gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
-
-
 def run_config(spec):
     """The train.py config.json beside a checkpoint's adapter (or merged export), if there is one."""
     path = split_spec(spec)[1]
@@ -487,19 +408,15 @@ def run_config(spec):
 
 def main(argv):
     try:
-        cfg, ckpts = parse(argv)
-        out = Path(cfg.out)
-        if out.is_dir():
-            raise EvalError(f"--out={cfg.out} is a directory; expected the path of a JSON file")
-        if not out.parent.is_dir():  # before hours of evaluation, not after
-            raise EvalError(f"--out={out}: directory {out.parent} does not exist")
-        if out.exists() and not cfg.overwrite:
-            raise EvalError(f"--out={out} already exists; pass --overwrite=true to replace it, or another --out")
+        cfg, extra = parse(argv, EvalConfig(), __doc__, repeated=("ckpt",))
+        ckpts = extra["ckpt"]
+        validate_eval_config(cfg, SUITES, [split_spec(spec)[0] for spec in ckpts])
+        runs.check_result_path(cfg.out, cfg.overwrite)  # before hours of evaluation, not after
         suites = cfg.suite.split(",")
         sources = {"ppl": cfg.text_data, "infill": cfg.text_data, "repetition": cfg.text_data,
                    "sts": cfg.sts_data, "token": cfg.token_data, "mc": cfg.mc_data}
-        report = {"provenance": provenance(), "settings": asdict(cfg), "checkpoints": {}, "train_configs": {},
-                  "data": {s: describe(sources[s], s) for s in suites}, "results": {}}
+        report = {"provenance": runs.provenance(), "settings": asdict(cfg), "checkpoints": {}, "train_configs": {},
+                  "data": {s: data_record(sources[s], s) for s in suites}, "results": {}}
         for spec in ckpts:
             name, m = load(spec, cfg)
             report["checkpoints"][name], report["results"][name] = spec, {}
@@ -513,11 +430,9 @@ def main(argv):
                         raise
                     report["results"][name][s] = {"error": str(e)}
         print(markdown(report["results"]))  # first: a failed write must not lose the results
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        tmp.replace(out)
-        print(f"wrote {out}", file=sys.stderr)
-    except (EvalError, CheckpointError, ValueError, OSError) as e:
+        runs.write_result(cfg.out, report)
+        print(f"wrote {cfg.out}", file=sys.stderr)
+    except (ConfigError, EvalError, CheckpointError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

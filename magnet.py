@@ -6,50 +6,32 @@
     m.infill("Mia found a", " under the tree. The story book was red.")  # ... whose length the model chooses
     m.encode(["a sentence", "another"])                          # sentence vectors, all-CONTEXT attention
     m.token_features("a sentence")                               # per-token vectors
-    m.losses(batch)                                              # the MAGNET training losses of one batch
+
+Inference only: the training losses of a batch are objectives.magnet_losses.
 """
 import math
 import numbers
-from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from attention import CONTEXT, PAD, SPAN
-from data import IGNORE, Tokenizer, pad_rows, sscl_views
-from model import CheckpointError, KVCache, load_adapter, load_checkpoint, read_json_object
-from objectives import mntp_loss, msg_loss, pool, sscl_loss
-
-
-SETTINGS = ("instruction", "pooling")  # how a model was trained to encode: inference must do the same
-
-
-def read_settings(checkpoint, adapter=None):
-    """The SETTINGS a model was trained with: from the adapter file (train.py stores them under "magnet"), else from
-    magnet.json beside a merged export; {} for a plain base model."""
-    path = Path(adapter) if adapter is not None else Path(checkpoint) / "magnet.json"
-    if adapter is not None:
-        settings = torch.load(adapter, map_location="cpu", weights_only=True).get("magnet", {})
-    else:
-        settings = read_json_object(path, f"the settings {SETTINGS}") if path.is_file() else {}
-    if not isinstance(settings, dict) or set(settings) - set(SETTINGS):
-        raise CheckpointError(f"{path}: expected the settings {SETTINGS} a model was trained with, got {settings!r}")
-    return settings
+from checkpoint import load_adapter, load_checkpoint, read_encoder_settings
+from data import IGNORE, Tokenizer, pad_rows, sscl_views, text_start
+from model import KVCache
+from objectives import pool
 
 
 class Magnet:
-    def __init__(self, model, tokenizer: Tokenizer, w_mntp=1.0, w_msg=1.0, w_sscl=1.0, temperature=0.05,
-                 pooling="last", instruction="", sscl_dropout=0.0, attention="bidirectional"):
+    def __init__(self, model, tokenizer: Tokenizer, pooling="last", instruction="", attention="bidirectional"):
         if model.args.vocab_size != tokenizer.vocab_size:
             raise ValueError(f"{tokenizer.path}: {tokenizer.vocab_size} tokens, but the model has "
                              f"{model.args.vocab_size}; the tokenizer must be the model's own")
-        self.model, self.tok = model, tokenizer
-        self.weights = dict(mntp=w_mntp, msg=w_msg, sscl=w_sscl)
-        self.temperature, self.pooling, self.instruction = temperature, pooling, instruction
-        # where the text starts in an SSCL / encode row (BOS + instruction + text + EOS): mean pooling starts there
-        self.text_start = 1 + len(tokenizer.encode(instruction)) if instruction else 0
-        self.sscl_dropout = sscl_dropout  # SimCSE noise: attention dropout in the SSCL forward (views B, C) only
         if attention not in ("bidirectional", "causal"):
             raise ValueError(f"attention={attention!r}: expected 'bidirectional' or 'causal'")
+        self.model, self.tok = model, tokenizer
+        self.pooling, self.instruction = pooling, instruction  # how the model was trained to encode
+        self.text_start = text_start(tokenizer, instruction)  # where mean pooling starts in an encode row
         self.attention = attention  # how encode / token_features read text; "causal" suits a plain causal LM
 
     @classmethod
@@ -63,33 +45,11 @@ class Magnet:
         model = load_checkpoint(checkpoint, device=device, dtype=dtype, vocab_size=tok.vocab_size)
         if adapter is not None:
             load_adapter(model, adapter)
-        return cls(model.eval(), tok, **{**read_settings(checkpoint, adapter), **options})
+        return cls(model.eval(), tok, **{**read_encoder_settings(checkpoint, adapter), **options})
 
     @property
     def device(self):
         return self.model.tok_embeddings.weight.device
-
-    # ------------------------------------------------------------------------------------------------ training
-
-    def losses(self, batch):
-        """The MAGNET losses of one batch from data.magnet_batch: a dict with mntp, msg, sscl and the weighted total.
-        View A (hybrid roles) gives MNTP and MSG in one forward; views B and C (all CONTEXT) give SSCL."""
-        b = {k: v.to(self.device) for k, v in batch.items()}
-        out = {}
-        if self.weights["mntp"] or self.weights["msg"]:
-            mntp, msg = b["mntp_labels"], b["msg_labels"]  # (B, T) each, IGNORE where no target
-            at = (mntp != IGNORE) | (msg != IGNORE)  # (B, T): the positions that carry a target (~1/4 of view A)
-            nll = self.model(b["tokens"], b["roles"], targets=torch.where(mntp != IGNORE, mntp, msg))  # (N,): at `at`
-            out["mntp"] = mntp_loss(nll, mntp[at], b.get("mntp_count"))
-            out["msg"] = msg_loss(nll, msg[at], b.get("msg_count"))
-        if self.weights["sscl"]:
-            hidden = self.model(b["sscl_tokens"], b["sscl_roles"], compute_logits=False,
-                                attn_dropout=self.sscl_dropout)  # (2B, T', dim); views B and C differ by the noise
-            z_b, z_c = pool(hidden, b["sscl_roles"], b["sscl_last"], self.pooling,
-                              self.text_start).chunk(2)  # (B, dim) each
-            out["sscl"] = sscl_loss(z_b, z_c, self.temperature)
-        out["total"] = sum(self.weights[k] * v for k, v in out.items())
-        return out
 
     # ------------------------------------------------------------------------------------------------ inference
 
@@ -124,7 +84,7 @@ class Magnet:
         if n > self.model.args.max_seq_len:
             raise ValueError(f"{n} positions requested but the model's max_seq_len is {self.model.args.max_seq_len}")
 
-    @torch.inference_mode()  # no_grad, minus autograd's bookkeeping on every tensor: ~12% off each decode step
+    @torch.inference_mode()  # no_grad, minus autograd's bookkeeping on every tensor (faster decode steps)
     def generate(self, prompt, max_new_tokens=64, temperature=0.0, top_p=1.0, seed=0, use_cache=True):
         """Continue `prompt` left to right (all-SPAN = the ordinary causal LM); stops at EOS. Returns the new text.
         The prompt starts with BOS only where the tokenizer adds one (Llama-2 does, SmolLM2 does not)."""
@@ -149,7 +109,7 @@ class Magnet:
         return self.tok.decode(new)
 
     def infill(self, left, right, n_tokens=None, max_tokens=8, temperature=0.0, top_p=1.0, seed=0, use_cache=True):
-        """Fill the gap between `left` and `right`, reading both (DESIGN §5). Returns the gap's text.
+        """Fill the gap between `left` and `right`, reading both (docs/design.md §5). Returns the gap's text.
         n_tokens: the gap's length in tokens; None when it is unknown: the model chooses it, 1..max_tokens (infill_ids).
         Both sides are tokenized as they are in the whole text (Tokenizer.context_ids): a space at an edge of the
         gap belongs to the word after it, so no stray piece shifts the right context."""
@@ -250,7 +210,7 @@ class Magnet:
             raise ValueError("encode expects a non-empty list of non-empty strings")
         self._check_arguments({}, dict(batch_size=batch_size))
         out = []
-        for i in range(0, len(texts), batch_size):
+        for i in tqdm(range(0, len(texts), batch_size), desc="encode", leave=False, disable=len(texts) <= batch_size):
             ids = [self.tok.encode(t) for t in texts[i:i + batch_size]]
             self._check_length(max(len(t) for t in ids) + 2 + len(self.tok.encode(self.instruction)))
             tokens, roles, last = (x.to(self.device) for x in sscl_views(ids, self.tok, 10 ** 9, self.instruction))

@@ -1,14 +1,22 @@
-"""Figures for Setting C: python plot.py [RUNS_DIR] [RESULTS_PREFIX]   (defaults: runs/C results/setting_c)
+"""Figures.
 
-Writes RESULTS_PREFIX_losses.png (each trained variant's MNTP / MSG / SSCL training loss, from its log.jsonl) and
-RESULTS_PREFIX_claims.png (base / LLM2Vec / MAGNET on the paper's four claims, from the eval JSON files that
-`bash experiments.sh C` writes). matplotlib is needed only here: pip install matplotlib.
+    python plot.py mask [OUT]                   the hybrid mask of one short example row (default docs/hybrid_mask.png)
+    python plot.py [RUNS_DIR] [RESULTS_PREFIX]  Setting C's figures (defaults: runs/C results/setting_c)
+
+The mask picture is drawn from attention.hybrid_mask itself. Setting C's figures: RESULTS_PREFIX_losses.png (each
+trained variant's MNTP / MSG / SSCL training loss, from its log.jsonl) and RESULTS_PREFIX_claims.png (base / LLM2Vec /
+MAGNET on the paper's four claims, from the eval JSON files that `bash experiments.sh C` writes).
+matplotlib is needed only to draw (pip install matplotlib); mask_grid() works without it.
 """
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
+
+# one short view-A row: BOS, context, a 3-token span, context, a 1-token span, context, two pads
+MASK_EXAMPLE = [("<s>", "C"), ("Mia", "C"), ("found", "C"), ("a", "C"), ("red", "S"), ("paper", "S"), ("kite", "S"),
+                ("under", "C"), ("the", "C"), ("old", "S"), ("tree", "C"), (".", "C"), ("<pad>", "P"), ("<pad>", "P")]
 
 
 def smooth(values, window=10):
@@ -62,17 +70,78 @@ def plot_claims(plt, prefix, out):
     fig.savefig(out, dpi=110)
 
 
-def main(runs="runs/C", prefix="results/setting_c"):
+def mask_grid(example=MASK_EXAMPLE):
+    """The example row's (labels, roles, grid): grid[i][j] is True where query i may attend key j, by attention.py."""
+    import torch
+    from attention import CONTEXT, PAD, SPAN, hybrid_mask
+    labels = [word for word, _ in example]
+    roles = [{"P": PAD, "C": CONTEXT, "S": SPAN}[role] for _, role in example]
+    r = torch.tensor([roles])
+    pos = torch.arange(len(roles))[None]  # spans stay in place: positions 0..T-1
+    grid = hybrid_mask(r, pos, r, pos)[0, 0]  # (T, T): query rows, key columns
+    return labels, roles, grid.tolist()
+
+
+def plot_mask(plt, out):
+    from attention import CONTEXT, PAD, SPAN
+    from matplotlib.patches import Patch
+    labels, roles, grid = mask_grid()
+    color = {CONTEXT: "#4c72b0", SPAN: "#dd8452", PAD: "#999999"}  # a cell takes its key's color
+    name = {CONTEXT: "context", SPAN: "span", PAD: "padding"}
+    T = len(labels)
+    image = np.ones((T, T, 3))
+    for i in range(T):
+        for j in range(T):
+            if grid[i][j]:
+                image[i, j] = [int(color[roles[j]][k:k + 2], 16) / 255 for k in (1, 3, 5)]
+    fig, ax = plt.subplots(figsize=(6.4, 6.6))
+    ax.imshow(image, interpolation="nearest")
+    ticks = [f"[{w}]" if r == SPAN else w for w, r in zip(labels, roles)]
+    ax.set_xticks(range(T), ticks, rotation=90)
+    ax.set_yticks(range(T), ticks)
+    for tick_labels in (ax.get_xticklabels(), ax.get_yticklabels()):
+        for text, role in zip(tick_labels, roles):
+            text.set_color(color[role])
+    ax.set_xticks(np.arange(-0.5, T), minor=True)
+    ax.set_yticks(np.arange(-0.5, T), minor=True)
+    ax.grid(which="minor", color="#dddddd", linewidth=0.6)
+    ax.tick_params(which="minor", length=0)
+    ax.xaxis.tick_top()
+    ax.xaxis.set_label_position("top")
+    ax.set_xlabel("key (attended to)")
+    ax.set_ylabel("query (attending)")
+    ax.legend(handles=[Patch(color=color[r], label=f"key: {name[r]}") for r in (CONTEXT, SPAN, PAD)],
+              loc="upper center", bbox_to_anchor=(0.5, -0.02), ncol=3, frameon=False, fontsize=9)
+    fig.suptitle("MAGNET's hybrid attention mask (attention.hybrid_mask), one row", fontsize=11)
+    fig.text(0.5, 0.015, "Filled = may attend. Context sees all context, both sides; a [span] token sees all context\n"
+             "and the span tokens up to itself (causal, across spans); padding sees only itself.",
+             ha="center", fontsize=8.5)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.97))
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def pyplot():
     try:
         import matplotlib
     except ImportError:
-        sys.exit("plot.py needs matplotlib: pip install matplotlib")
+        sys.exit("plot.py needs matplotlib to draw: pip install matplotlib")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def main(runs="runs/C", prefix="results/setting_c"):
+    plt = pyplot()
     plot_losses(plt, Path(runs), f"{prefix}_losses.png")
     plot_claims(plt, prefix, f"{prefix}_claims.png")
     print(f"wrote {prefix}_losses.png and {prefix}_claims.png")
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    if sys.argv[1:2] == ["mask"]:
+        out = sys.argv[2] if len(sys.argv) > 2 else "docs/hybrid_mask.png"
+        plot_mask(pyplot(), out)
+        print(f"wrote {out}")
+    else:
+        main(*sys.argv[1:])

@@ -1,4 +1,4 @@
-"""Paper scale (DESIGN §7): Llama-2-7B + MAGNET with LoRA r=16 on Wikitext-103 raw text, bf16, FSDP2 over all
+"""Paper scale (docs/design.md §7): Llama-2-7B + MAGNET with LoRA r=16 on Wikitext-103 raw text, bf16, FSDP2 over all
 GPUs, activation checkpointing. Run with
     torchrun --standalone --nproc_per_node=8 train.py config/llama2_7b.py --init_from=/path/to/llama-2-7b \
         --tokenizer=/path/to/tokenizer.model --data=/path/to/wikitext-103-raw/wiki.train.raw

@@ -27,8 +27,8 @@ def _seed():
 @pytest.fixture(scope="session")
 def toy(tmp_path_factory):
     """The built-in toy world, small: (corpus path, pairs path, Tokenizer), written once per test session."""
-    import data
-    return data.write_toy_world(tmp_path_factory.mktemp("toy"), n_stories=600, n_pairs=200, seed=0)
+    import toy
+    return toy.write_world(tmp_path_factory.mktemp("toy"), n_stories=600, n_pairs=200, seed=0)
 
 
 @pytest.fixture(scope="session")

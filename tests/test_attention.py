@@ -1,4 +1,4 @@
-"""The hybrid mask (DESIGN §3): its rule re-derived by loops, its semantics through the public forward, and the
+"""The hybrid mask (docs/design.md §3): its rule re-derived by loops, its semantics through the public forward, and the
 agreement of the fused `sdpa` path with the `math` reference (values and gradients)."""
 import itertools
 from unittest.mock import patch

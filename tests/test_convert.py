@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from conftest import ROOT, shared_file
-from model import CheckpointError, ModelArgs, Transformer, load_checkpoint
+from checkpoint import CheckpointError, load_checkpoint
+from model import ModelArgs, Transformer
 
 gguf = pytest.importorskip("gguf")
 safetensors_torch = pytest.importorskip("safetensors.torch")

@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 
 import data
+import eval as ev
+import toy
 from attention import CONTEXT, PAD, SPAN
 from data import IGNORE, BatchConfig, magnet_batch, read_pairs, sample_spans, view_a
 
@@ -29,7 +31,7 @@ def test_span_sampling_invariants_over_many_seeds():
 
 
 def test_span_counts_and_lengths_are_uniform_on_long_rows():
-    """DESIGN §4's defaults at seq_len 512: 1..3 spans, each 8..32 tokens, both uniform (no clipping at this size)."""
+    """The defaults (docs/design.md §4) at seq_len 512: 1..3 spans, each 8..32 tokens, both uniform (no clipping at this size)."""
     rng = np.random.default_rng(0)
     draws = [sample_spans(513, rng, 3, 8, 32) for _ in range(3000)]
     counts = np.bincount([len(spans) for spans in draws], minlength=4)[1:]
@@ -94,17 +96,17 @@ def test_batch_shapes_padding_and_determinism(toy, toy_corpus):
 
 
 def test_toy_world_blanks_are_determined_by_the_right_context_only():
-    blanks = data.toy_blanks(300, seed=7)
+    blanks = toy.blanks(300, seed=7)
     answers = [a for _, a, _ in blanks]
-    assert set(answers) == set(data.OBJECTS)  # all objects occur: chance from the left is 1/8
+    assert set(answers) == set(toy.OBJECTS)  # all objects occur: chance from the left is 1/8
     for left, answer, right in blanks:
         assert answer not in left and right.startswith(" ") and f"The {answer} was" in right
-    assert data.toy_blanks(5, seed=7) == blanks[:5]  # deterministic
+    assert toy.blanks(5, seed=7) == blanks[:5]  # deterministic
 
 
 def test_toy_pairs_scores_and_heldout_split():
-    test = data.toy_pairs(200, seed=1, split="test")
-    train = data.toy_pairs(200, seed=1, split="train")
+    test = toy.sts_pairs(200, seed=1, split="test")
+    train = toy.sts_pairs(200, seed=1, split="train")
     assert {s for _, _, s in test} == {0.0, 1.25, 2.5, 3.75, 5.0}
     assert all(a != b for a, b, _ in test)  # a paraphrase is a different surface form
     test_sentences = {a for a, _, _ in test}
@@ -112,9 +114,9 @@ def test_toy_pairs_scores_and_heldout_split():
 
 
 def test_toy_tags_are_contextual_where_the_lexicon_is_ambiguous():
-    assert data.tag_words("The drum was light/ADJ and it gave a warm light.")[1] == \
+    assert toy.tag_words("The drum was light/ADJ and it gave a warm light.")[1] == \
         ["DET", "NOUN", "VERB", "ADJ", "OTHER", "PRON", "VERB", "DET", "ADJ", "NOUN", "PUNCT"]
-    for s in data.toy_tagged(50, seed=0):
+    for s in toy.tagged_sentences(50, seed=0):
         assert len(s["words"]) == len(s["pos"]) and "/" not in "".join(s["words"])
 
 
@@ -150,16 +152,16 @@ def test_clear_errors(tmp_path, toy):
     sts = tmp_path / "sts.csv"
     sts.write_text("g\tf\t2012\t0001\t4.0\tA man.\tA person.\ng\tf\t2012\t0002\tnot-a-number\tA.\tB.\n")
     with pytest.raises(ValueError, match=r"sts\.csv, line 2"):
-        data.read_sts(sts)
+        ev.read_sts(sts)
     conll = tmp_path / "c.txt"
     conll.write_text("EU NNP B-NP B-ORG\nrejects VBZ B-VP\n")
     with pytest.raises(ValueError, match=r"c\.txt, line 2: expected 4 columns"):
-        data.read_conll(conll)
+        ev.read_conll(conll)
 
 
 def test_real_readers_and_llama2_mask_token():
-    assert len(data.read_sts(shared_file("data/stsb/sts-dev.csv"))) == 1500
-    assert len(data.read_conll(shared_file("data/conll2003/valid.txt"))) == 3250
+    assert len(ev.read_sts(shared_file("data/stsb/sts-dev.csv"))) == 1500
+    assert len(ev.read_conll(shared_file("data/conll2003/valid.txt"))) == 3250
     tok = data.Tokenizer(shared_file("assets/llama2-tokenizer/tokenizer.model"))
     assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.mask_id) == (32000, 1, 2, 29918)
     assert data.Tokenizer(shared_file("assets/stories260K/tok512.model")).mask_id == 0  # no "_": unk

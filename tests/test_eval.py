@@ -8,7 +8,9 @@ import torch
 
 import data
 import eval as ev
-from model import ModelArgs, Transformer, save_checkpoint
+import toy as toy_world  # (`toy` is the fixture of the toy world's files)
+from checkpoint import save_checkpoint
+from model import ModelArgs, Transformer
 
 from conftest import shared_file
 
@@ -49,11 +51,11 @@ def test_blanks_are_the_whole_texts_ids_split_in_three(toy, tmp_path):
     m = SimpleNamespace(tok=toy[2])
     cfg = ev.EvalConfig(limit=40)
     toy_blanks = ev.blanks(m, cfg)
-    for (lids, gap, rids, left), (_, answer, right) in zip(toy_blanks, data.toy_blanks(40, data.EVAL_SEED)):
+    for (lids, gap, rids, left), (_, answer, right) in zip(toy_blanks, toy_world.blanks(40, toy_world.EVAL_SEED)):
         assert lids + gap + rids == toy[2].encode(left + " " + answer + right, bos=True)
     assert {len(gap) for _, gap, _, _ in toy_blanks} == {1, 2, 3, 4}
     text = tmp_path / "text.txt"
-    text.write_text("\n\n".join(data.toy_stories(60, 5)))
+    text.write_text("\n\n".join(toy_world.stories(60, 5)))
     cfg = ev.EvalConfig(text_data=str(text), limit=0, max_gap=6, cache_dir=str(tmp_path))
     passages = ev.held_out_passages(cfg, toy[2])
     text_blanks = ev.blanks(m, cfg)
@@ -147,16 +149,16 @@ def test_the_probe_trains_on_train_and_stops_on_dev_only(tiny_ckpt, monkeypatch)
     ev.suite_token(m, cfg)
 
     def features(n, seed):
-        return torch.cat(ev.word_features(m, [s["words"] for s in ev.data.toy_tagged(n, seed)]))
+        return torch.cat(ev.word_features(m, [s["words"] for s in toy_world.tagged_sentences(n, seed)]))
 
     (x, x_dev), = seen  # one task (toy POS tags)
-    held_out = ev.data.EVAL_SEED + cfg.seed
+    held_out = toy_world.EVAL_SEED + cfg.seed
     assert torch.equal(x, features(20, held_out + 10)) and torch.equal(x_dev, features(10, held_out + 11))
 
 
 def test_multiple_choice_scores_only_the_choice_as_in_the_whole_text():
     """Meta's tokenizer: the scored pieces of " it flew high." are those it has after the context (no stray "▁")."""
-    tok = ev.data.Tokenizer(shared_file("assets/llama2-tokenizer/tokenizer.model"))
+    tok = data.Tokenizer(shared_file("assets/llama2-tokenizer/tokenizer.model"))
     context, choice = "The kite was red and", " it flew high."
     whole = tok.encode(context + choice, bos=True)
     assert [tok.sp.id_to_piece(i) for i in whole[:7]][-2:] == ["▁red", "▁and"]  # 7 context ids, BOS included
@@ -216,7 +218,7 @@ def test_clear_errors_and_keep_going(tiny_ckpt, tmp_path, capsys):
     code, out = run([f"--ckpt={tmp_path / 'nowhere'}", "--suite=ppl", f"--tokenizer={tiny_ckpt / 'tokenizer.model'}"],
                     capsys)
     assert code == 1 and "no such checkpoint" in out.err
-    other = ev.data.train_tokenizer(ev.data.toy_stories(300, 0), tmp_path / "t512.model", 512).path
+    other = toy_world.train_tokenizer(toy_world.stories(300, 0), tmp_path / "t512.model", 512).path
     code, out = run([f"--ckpt={tiny_ckpt}", "--suite=ppl", f"--tokenizer={other}"], capsys)
     assert code == 1 and "256 tokens but the tokenizer's has 512" in out.err
     empty = tmp_path / "empty.csv"

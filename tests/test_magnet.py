@@ -5,8 +5,10 @@ import torch
 
 from attention import CONTEXT, SPAN
 from data import BatchConfig, Tokenizer, magnet_batch
-from magnet import Magnet, read_settings
-from model import CheckpointError, ModelArgs, Transformer, apply_lora, save_checkpoint
+from checkpoint import CheckpointError, read_encoder_settings, save_checkpoint
+from magnet import Magnet
+from model import ModelArgs, Transformer, apply_lora
+from objectives import magnet_losses
 from objectives import pool
 
 from conftest import shared_file
@@ -132,7 +134,7 @@ def test_sscl_noise_makes_the_two_views_differ_and_leaves_view_a_alone(toy, toy_
     for sscl_dropout in (0.0, 0.3):
         torch.manual_seed(1)
         results.clear()
-        Magnet(model.train(), toy[2], sscl_dropout=sscl_dropout).losses(batch)
+        magnet_losses(model.train(), batch, dict(mntp=1.0, msg=1.0, sscl=1.0), sscl_dropout=sscl_dropout)
         (_, logits_a), (_, hidden_bc) = results  # view A's forward, then views B and C's
         z_b, z_c = pool(hidden_bc.detach(), batch["sscl_roles"], batch["sscl_last"]).chunk(2)
         cosine = float(torch.nn.functional.cosine_similarity(z_b, z_c).mean())
@@ -144,7 +146,7 @@ def test_sscl_noise_makes_the_two_views_differ_and_leaves_view_a_alone(toy, toy_
             assert torch.equal(logits_a.detach(), no_noise_a)  # view A is untouched by the SSCL noise
     del model.forward
     # evaluation (eval mode) never sees the noise
-    m = Magnet(model.eval(), toy[2], sscl_dropout=0.3)
+    m = Magnet(model.eval(), toy[2])
     assert torch.equal(m.encode(["Mia found a kite."]), m.encode(["Mia found a kite."]))
 
 
@@ -264,11 +266,11 @@ def test_real_stories260k_generates_and_infills(stories):
 
 
 def test_a_damaged_magnet_json_names_itself(tmp_path):
-    assert read_settings(tmp_path) == {}  # a plain base: no settings
+    assert read_encoder_settings(tmp_path) == {}  # a plain base: no settings
     for text, message in (("{bad", "not valid JSON"), ("[1]", "expected a JSON object of the settings"),
                           ('{"instructoin": "x"}', "expected the settings")):
         (tmp_path / "magnet.json").write_text(text)
         with pytest.raises(CheckpointError, match=r"magnet\.json: " + message):
-            read_settings(tmp_path)
+            read_encoder_settings(tmp_path)
     (tmp_path / "magnet.json").write_text('{"instruction": "Retrieve: ", "pooling": "mean"}')
-    assert read_settings(tmp_path) == {"instruction": "Retrieve: ", "pooling": "mean"}
+    assert read_encoder_settings(tmp_path) == {"instruction": "Retrieve: ", "pooling": "mean"}

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from attention import CONTEXT, SPAN
-from model import (LOGITS_PER_PIECE, CheckpointError, KVCache, LoRALinear, ModelArgs, Transformer, apply_lora,
-                   load_adapter, lora_layers, load_checkpoint, merge_lora, save_adapter, save_checkpoint, unmerge_lora)
+from checkpoint import CheckpointError, load_adapter, load_checkpoint, save_adapter, save_checkpoint
+from model import (LOGITS_PER_PIECE, KVCache, LoRALinear, ModelArgs, Transformer, apply_lora, lora_layers, merge_lora,
+                   unmerge_lora)
 
 ARGS = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=61, multiple_of=8, max_seq_len=64)
 

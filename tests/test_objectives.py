@@ -8,9 +8,8 @@ import torch.nn.functional as F
 
 from attention import CONTEXT, SPAN
 from data import IGNORE, BatchConfig, Tokenizer, magnet_batch, read_pairs, view_a
-from magnet import Magnet
 from model import ModelArgs, Transformer, apply_lora
-from objectives import mntp_loss, msg_loss, pool, sscl_loss
+from objectives import magnet_losses, mntp_loss, msg_loss, pool, sscl_loss
 
 
 class FakeTok:
@@ -73,7 +72,7 @@ def test_pooling():
         pool(h, roles, None, "max")
 
 
-def tiny_magnet(tok, **weights):
+def tiny_lora_model(tok):
     """A tiny random base whose embeddings have a large scale (so a frozen output layer can still express any target),
     with LoRA (dropout 0, so views B and C are identical and the test is deterministic)."""
     torch.manual_seed(0)
@@ -82,14 +81,18 @@ def tiny_magnet(tok, **weights):
     torch.nn.init.normal_(model.tok_embeddings.weight, std=1.0)
     torch.nn.init.normal_(model.output.weight, std=0.3)
     apply_lora(model, rank=16, alpha=32, dropout=0.0)
-    return Magnet(model.train(), tok, **weights)
+    return model.train()
+
+
+def loss_weights(w_mntp=1.0, w_msg=1.0, w_sscl=1.0):
+    return dict(mntp=w_mntp, msg=w_msg, sscl=w_sscl)
 
 
 def test_gradients_reach_only_lora(toy, toy_corpus):
-    m = tiny_magnet(toy[2])
+    model = tiny_lora_model(toy[2])
     batch = magnet_batch(toy_corpus, BatchConfig(batch_size=4, seq_len=48), np.random.default_rng(0))
-    m.losses(batch)["total"].backward()
-    for name, p in m.model.named_parameters():
+    magnet_losses(model, batch, loss_weights())["total"].backward()
+    for name, p in model.named_parameters():
         if "lora_" in name:
             assert p.grad is not None, name
             if "lora_B" in name:
@@ -99,19 +102,19 @@ def test_gradients_reach_only_lora(toy, toy_corpus):
 
 
 def test_view_a_losses_equal_full_logits_in_float64(toy, toy_corpus):
-    """Magnet.losses projects onto the vocabulary only where a target is; the reference here builds every (B, T, V)
+    """magnet_losses projects onto the vocabulary only where a target is; the reference here builds every (B, T, V)
     logit, takes float64 log-softmax and averages by hand, as before that change. Values and LoRA gradients agree."""
-    m = tiny_magnet(toy[2], w_sscl=0)
-    m.model.eval()  # no LoRA dropout: both computations see the same function
-    for layer in m.model.modules():
+    model = tiny_lora_model(toy[2])
+    model.eval()  # no LoRA dropout: both computations see the same function
+    for layer in model.modules():
         if hasattr(layer, "lora_B"):
             torch.nn.init.normal_(layer.lora_B, std=0.02)  # a trained-looking adapter, not B = 0
     batch = magnet_batch(toy_corpus, BatchConfig(batch_size=4, seq_len=48), np.random.default_rng(3))
-    lora = [p for p in m.model.parameters() if p.requires_grad]
-    losses = m.losses(batch)
+    lora = [p for p in model.parameters() if p.requires_grad]
+    losses = magnet_losses(model, batch, loss_weights(w_sscl=0))
     fast = torch.autograd.grad(losses["total"], lora)
 
-    logp = torch.log_softmax(m.model(batch["tokens"], batch["roles"]).double(), -1)  # (B, T, V) in float64
+    logp = torch.log_softmax(model(batch["tokens"], batch["roles"]).double(), -1)  # (B, T, V) in float64
     reference = {}
     for name in ("mntp", "msg"):
         labels = batch[f"{name}_labels"]
@@ -128,13 +131,13 @@ def test_view_a_losses_equal_full_logits_in_float64(toy, toy_corpus):
 @pytest.mark.parametrize("weights", [dict(w_msg=0, w_sscl=0), dict(w_mntp=0, w_sscl=0),
                                      dict(w_mntp=0, w_msg=0), dict()], ids=["mntp", "msg", "sscl", "all"])
 def test_overfits_one_fixed_batch(toy, toy_corpus, weights):
-    m = tiny_magnet(toy[2], **weights)
+    model = tiny_lora_model(toy[2])
     batch = magnet_batch(toy_corpus, BatchConfig(batch_size=4, seq_len=40, sscl_len=16),
                          np.random.default_rng(0), read_pairs(toy[1]))
-    opt = torch.optim.AdamW([p for p in m.model.parameters() if p.requires_grad], lr=3e-3)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     first = None
     for _ in range(150):
-        losses = m.losses(batch)
+        losses = magnet_losses(model, batch, loss_weights(**weights))
         opt.zero_grad()
         losses["total"].backward()
         opt.step()

@@ -114,7 +114,7 @@ def ref_tokens(weights):
 @pytest.fixture(scope="module")
 def model():
     torch = pytest.importorskip("torch")
-    load_checkpoint = pytest.importorskip("model").load_checkpoint
+    load_checkpoint = pytest.importorskip("checkpoint").load_checkpoint
     m = load_checkpoint(str(BIN))
     m.eval()
     for p in m.parameters():  # inference only (no global grad switch: it would leak into other tests)

@@ -10,11 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import data
 import eval as ev
+import runs
+import toy
 import train
 from magnet import Magnet
-from model import ModelArgs, Transformer, apply_lora, load_checkpoint, merge_lora, save_checkpoint
+from checkpoint import load_checkpoint, save_checkpoint
+from config import ConfigError, parse, validate_train_config
+from model import ModelArgs, Transformer, apply_lora, merge_lora
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def setup(tmp_path_factory):
     """A tiny random base (with the toy tokenizer beside it) and a small toy corpus + paraphrase pairs."""
     d = tmp_path_factory.mktemp("train")
-    corpus, pairs, tok = data.write_toy_world(d / "toy", n_stories=300, n_pairs=100)
+    corpus, pairs, tok = toy.write_world(d / "toy", n_stories=300, n_pairs=100)
     torch.manual_seed(0)
     base = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.vocab_size,
                                  multiple_of=16, max_seq_len=128))
@@ -57,17 +60,17 @@ def torchrun(n, argv, timeout=300):
 def test_config_file_and_overrides(tmp_path):
     cfg_file = tmp_path / "c.py"
     cfg_file.write_text('"""doc"""\nlr = 1e-4  # a comment\nlora = False\nmax_iters = 7\n')
-    cfg = train.parse_config([str(cfg_file), "--max_iters=9", "--instruction=Retrieve: x"])
+    cfg = parse([str(cfg_file), "--max_iters=9", "--instruction=Retrieve: x"], train.Config())[0]
     assert (cfg.lr, cfg.lora, cfg.max_iters, cfg.instruction) == (1e-4, False, 9, "Retrieve: x")
-    with pytest.raises(train.ConfigError, match="unknown key 'max_iter'; valid keys: .*out_dir.*max_iters"):
-        train.parse_config(["--max_iter=3"])
-    with pytest.raises(train.ConfigError, match="lr expects float"):
-        train.parse_config(["--lr=fast"])
+    with pytest.raises(ConfigError, match="unknown key 'max_iter'; valid keys: .*out_dir.*max_iters"):
+        parse(["--max_iter=3"], train.Config())[0]
+    with pytest.raises(ConfigError, match="lr expects float"):
+        parse(["--lr=fast"], train.Config())[0]
     cfg_file.write_text("import os\n")
-    with pytest.raises(train.ConfigError, match=r"c\.py, line 1: expected `key = literal`"):
-        train.parse_config([str(cfg_file)])
-    for path in sorted((ROOT / "config").glob("*.py")):  # every shipped config parses and says where SSCL's
-        train.parse_config([str(path)])                   # positives come from
+    with pytest.raises(ConfigError, match=r"c\.py, line 1: expected `key = literal`"):
+        parse([str(cfg_file)], train.Config())[0]
+    for path in sorted((ROOT / "config").glob("*.py")):
+        parse([str(path)], train.Config())  # every shipped config parses, and says where SSCL's positives come from
         assert "SSCL positives:" in path.read_text(), path.name
 
 
@@ -131,12 +134,12 @@ def test_fsdp2_before_torch_2_8_refuses_a_bf16_base_under_fp32_adapters(monkeypa
     FSDP: under torchrun train.py says so before anything runs, with the two ways out."""
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setattr(torch, "__version__", "2.7.1+cu126")
-    bf16 = train.parse_config(["--precision=bf16"])
-    with pytest.raises(train.ConfigError, match=r"torch 2\.7\.1\+cu126 needs one dtype per block.*--precision=fp32"):
-        train.check(bf16, 1)
-    train.check(train.parse_config(["--precision=fp32"]), 1)  # one dtype throughout
+    bf16 = parse(["--precision=bf16"], train.Config())[0]
+    with pytest.raises(ConfigError, match=r"torch 2\.7\.1\+cu126 needs one dtype per block.*--precision=fp32"):
+        validate_train_config(bf16, 1)
+    validate_train_config(parse(["--precision=fp32"], train.Config())[0], 1)  # one dtype throughout
     monkeypatch.setattr(torch, "__version__", "2.8.0")
-    train.check(bf16, 1)
+    validate_train_config(bf16, 1)
 
 
 def test_resume_replays_the_uninterrupted_run(setup):
@@ -217,11 +220,11 @@ def test_a_crash_during_save_keeps_the_previous_checkpoint(setup, monkeypatch):
     d, common = setup
     out = d / "crash"
     run_main(common + ["--max_iters=6", "--stop_at=3", f"--out_dir={out}"])
-    cfg = train.parse_config(common + [f"--out_dir={out}"])
+    cfg = parse(common + [f"--out_dir={out}"], train.Config())[0]
     tok, _, _ = train.setup_data(cfg, out, write=True)
     model = train.build_model(cfg, tok)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
-    assert train.load_state(out, model, opt) == 3
+    assert runs.load_state(out, model, opt) == 3
 
     def dies_halfway(state, checkpoint_id):
         Path(checkpoint_id).mkdir(parents=True)
@@ -230,12 +233,12 @@ def test_a_crash_during_save_keeps_the_previous_checkpoint(setup, monkeypatch):
 
     monkeypatch.setattr("torch.distributed.checkpoint.save", dies_halfway)
     with pytest.raises(KeyboardInterrupt):
-        train.save_state(out, model, opt, 99, rank=0)
+        runs.save_state(out, model, opt, 99, rank=0)
     monkeypatch.undo()
-    assert train.load_state(out, model, opt) == 3
+    assert runs.load_state(out, model, opt) == 3
     # killed between the two renames: only ckpt.old is complete, and resume finds it
     (out / "ckpt").rename(out / "ckpt.old")
-    assert train.load_state(out, model, opt) == 3
+    assert runs.load_state(out, model, opt) == 3
     run_main(common + ["--max_iters=6", "--resume=true", f"--out_dir={out}"])
     assert [r["step"] for r in losses(out)] == list(range(6))
 
@@ -259,7 +262,7 @@ def test_a_crash_during_save_keeps_the_previous_checkpoint(setup, monkeypatch):
 def test_bad_input_exits_nonzero_with_a_clear_error(setup, capsys, bad, message):
     d, common = setup
     (d / "empty.txt").write_text("\n\n")
-    other_tok = data.train_tokenizer(data.toy_stories(300, 0), d / "tok512.model", 512).path
+    other_tok = toy.train_tokenizer(toy.stories(300, 0), d / "tok512.model", 512).path
     out = d / "bad-run"
     bad = [b.format(empty=d / "empty.txt", other_tok=other_tok) for b in bad]
     assert train.main(common + bad + [f"--out_dir={out}"]) == 1
@@ -270,25 +273,25 @@ def test_bad_input_exits_nonzero_with_a_clear_error(setup, capsys, bad, message)
 
 def test_a_loss_spike_stops_the_run_before_the_update(setup, capsys, monkeypatch):
     d, common = setup
-    real = train.Magnet.losses
+    real = train.magnet_losses
     calls = []
 
-    def spiking(self, batch):
-        out = real(self, batch)
+    def spiking(*args, **kwargs):
+        out = real(*args, **kwargs)
         calls.append(1)
         if len(calls) == 25:  # step 24: every loss x 1000
             out = {k: v * 1000 for k, v in out.items()}
         return out
 
-    monkeypatch.setattr(train.Magnet, "losses", spiking)
+    monkeypatch.setattr(train, "magnet_losses", spiking)
     out = d / "spike"
     assert train.main(common + ["--max_iters=30", "--ckpt_interval=10", f"--out_dir={out}"]) == 1
     assert "spiking loss at step 24" in capsys.readouterr().err
     assert len(losses(out)) == 24 and not (out / "merged").exists()
-    cfg = train.parse_config(common + [f"--out_dir={out}"])
+    cfg = parse(common + [f"--out_dir={out}"], train.Config())[0]
     tok, _, _ = train.setup_data(cfg, out, write=True)
     model = train.build_model(cfg, tok)
-    assert train.load_state(out, model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])) == 20
+    assert runs.load_state(out, model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])) == 20
 
 
 def test_an_existing_run_is_never_overwritten(setup, capsys):
@@ -397,13 +400,13 @@ def test_damaged_checkpoints_fall_back_to_the_older_one_or_say_so(setup, capsys,
     out = d / "damaged"
     run_main(common + ["--max_iters=4", "--stop_at=2", f"--out_dir={out}"])
     shutil.copytree(out / "ckpt", out / "ckpt.old")  # as left by a kill between save_state's two renames
-    cfg = train.parse_config(common + [f"--out_dir={out}"])
+    cfg = parse(common + [f"--out_dir={out}"], train.Config())[0]
     tok, _, _ = train.setup_data(cfg, out, write=True)
     model = train.build_model(cfg, tok)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     shard = next((out / "ckpt").glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:100])  # truncated
-    assert train.load_state(out, model, opt) == 2
+    assert runs.load_state(out, model, opt) == 2
     assert "ckpt: EOFError; continuing from" in capsys.readouterr().err
     assert not (out / "ckpt").exists()  # the damaged one is dropped: the next save cannot turn it into ckpt.old
     shard = next((out / "ckpt.old").glob("*.distcp"))
@@ -424,7 +427,7 @@ def test_damaged_checkpoints_fall_back_to_the_older_one_or_say_so(setup, capsys,
     monkeypatch.setattr("torch.distributed.checkpoint.save", lambda *a, **k: (_ for _ in ()).throw(
         OSError(28, "No space left on device")))
     with pytest.raises(train.TrainingError, match=r"ckpt.tmp: writing the checkpoint of step 3 failed \(OSError"):
-        train.save_state(out, model, opt, 3, rank=0)
+        runs.save_state(out, model, opt, 3, rank=0)
 
 
 def test_one_process_per_run_directory_and_damaged_logs(setup, capsys):
@@ -460,11 +463,11 @@ def test_resume_refuses_keys_that_define_the_run(setup, capsys):
 def test_bad_files_name_themselves(setup, tmp_path, capsys):
     d, common = setup
     (tmp_path / "syntax.py").write_text('"""doc"""\nlr = (1e-3\n')
-    with pytest.raises(train.ConfigError, match=r"syntax\.py, line 2: "):
-        train.parse_config([str(tmp_path / "syntax.py")])
+    with pytest.raises(ConfigError, match=r"syntax\.py, line 2: "):
+        parse([str(tmp_path / "syntax.py")], train.Config())[0]
     (tmp_path / "latin1.py").write_bytes("instruction = 'caf\xe9'\n".encode("latin-1"))
     with pytest.raises(ValueError, match=r"latin1\.py: not UTF-8 text"):
-        train.parse_config([str(tmp_path / "latin1.py")])
+        parse([str(tmp_path / "latin1.py")], train.Config())[0]
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
     (tmp_path / "hi.txt").write_text("hi\n")
     for corpus, message in ((tmp_path / "latin1.txt", "latin1.txt: not UTF-8 text"),
@@ -483,9 +486,8 @@ def test_torchrun_reports_a_configuration_error_once(setup):
 def test_simcse_noise_only_when_sscl_has_no_pairs(setup, monkeypatch):
     d, common = setup
     seen = []
-    real = train.Magnet.__init__
-    monkeypatch.setattr(train.Magnet, "__init__", lambda self, *a, **k: seen.append(k["sscl_dropout"]) or
-                        real(self, *a, **k))
+    real = train.magnet_losses
+    monkeypatch.setattr(train, "magnet_losses", lambda *a, **k: seen.append(k["sscl_dropout"]) or real(*a, **k))
     run_main(common + ["--max_iters=1", f"--out_dir={d / 'paired'}"])
     run_main(common + ["--max_iters=1", "--pairs=", f"--out_dir={d / 'unpaired'}"])
     assert seen == [0.0, 0.3]
@@ -493,7 +495,9 @@ def test_simcse_noise_only_when_sscl_has_no_pairs(setup, monkeypatch):
 
 def test_the_prepared_gpu_check_runs(tmp_path):
     """gpu_check.sh (README "GPU") at tiny shapes on the CPU: every step runs and writes its results, so a session
-    with a GPU does not spend its few minutes on a broken script."""
+    with a GPU does not spend its few minutes on a broken script. Its step 2 compares with Hugging Face + PEFT."""
+    for package in ("transformers", "peft"):
+        pytest.importorskip(package, reason=f"gpu_check.sh's step 2 (bench --bench=vs_hf) needs {package}")
     out = tmp_path / "out"
     proc = subprocess.run(["bash", str(ROOT / "gpu_check.sh"), str(out)], cwd=ROOT, capture_output=True, text=True,
                           env=fresh_env(DEVICE="cpu", QUICK="1", RUN_DIR=str(tmp_path / "run")), timeout=300)
