@@ -91,7 +91,8 @@ def usage(cls, doc, repeated=()):
                 if field:
                     comments[field.group(1)] = field.group(2)
     rows = [f"  --{k}=...  (may be repeated)" for k in repeated]
-    rows += [f"  --{f.name}={f.default!r}  {comments.get(f.name, '')}".rstrip() for f in fields(cls)]
+    shown = lambda value: value if isinstance(value, str) else repr(value)  # --tokenizer= is an empty string
+    rows += [f"  --{f.name}={shown(f.default)}  {comments.get(f.name, '')}".rstrip() for f in fields(cls)]
     return (doc or "").strip() + "\n\nkeys (a config file of `key = literal` lines may come first):\n" + "\n".join(rows)
 
 

@@ -1,4 +1,4 @@
-"""Train MAGNET: one script from a laptop demo to Llama-2-7B on many GPUs.
+r"""Train MAGNET: one script from a laptop demo to Llama-2-7B on many GPUs.
 
     python train.py                                   # the toy world on a CPU (config/toy.py's defaults)
     python train.py config/stories260k.py --max_iters=200

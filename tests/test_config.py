@@ -22,7 +22,8 @@ def test_help_prints_what_the_script_does_and_every_key_with_its_default_and_mea
     for f in fields(cls):
         row = next((line for line in lines if line.startswith(f"  --{f.name}=")), None)
         assert row is not None, f.name
-        default, _, meaning = row.partition(f"--{f.name}={f.default!r}")[2].partition("  ")
+        shown = f.default if isinstance(f.default, str) else repr(f.default)
+        default, _, meaning = row.partition(f"--{f.name}={shown}")[2].partition("  ")
         assert not default and meaning.strip(), f"--{f.name}: no default and meaning in {row!r}"
     if script == "eval.py":
         assert "  --ckpt=...  (may be repeated)" in lines
