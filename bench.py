@@ -1,4 +1,4 @@
-"""Benchmarks for MAGNET: python bench.py [--bench NAME,...] [--quick] [--out FILE.json]
+"""Benchmarks for MAGNET: python bench.py [--bench=NAME,...] [--quick=true] [--out=FILE.json]
 
 NAME: attention, magnet, inference, unknown_length, load, merge, vs_hf.
 
@@ -7,7 +7,6 @@ MFU = achieved FLOP/s / the best matmul FLOP/s read before and after the runs (a
 number). Times: median of --steps timed runs after 1 warmup. Peak memory: on CUDA torch.cuda.max_memory_allocated; on
 CPU each run is a fresh process, and its peak RSS (VmHWM, reset right before the run) minus the RSS then.
 """
-import argparse
 import json
 import os
 import resource
@@ -16,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +24,13 @@ import torch
 import data
 import toy
 from attention import BACKENDS, CONTEXT, PAD, SPAN, hybrid_mask
-from checkpoint import load_adapter, load_checkpoint, merged_state_dict, save_checkpoint
+from checkpoint import CheckpointError, load_adapter, load_checkpoint, merged_state_dict, save_checkpoint
 from eval import EvalConfig, blanks, suite_ppl
 from magnet import Magnet
 from model import LoRALinear, ModelArgs, Transformer, apply_lora
 from objectives import magnet_losses
-from runs import provenance
+from config import ConfigError, parse
+from runs import check_result_path, provenance, write_result
 
 
 def timed(fn, device):
@@ -229,7 +230,7 @@ def bench_inference(config):
 
 def bench_load(config):
     """Load time and peak RSS increase of a just-written (so page-cached) synthetic bf16 Meta checkpoint, each way in
-    a fresh process: mmap = model.load_checkpoint (mmap + meta device + assign; includes torch's one-off imports for
+    a fresh process: mmap = checkpoint.load_checkpoint (mmap + meta device + assign; includes torch's one-off imports for
     the meta device); plain = torch.load without mmap + a random-init bf16 model + load_state_dict (a copy). read_s:
     then summing every weight once (mmap pays for its pages here; its RSS counts the mapped, shared file pages)."""
     if not config.get("child"):  # write the checkpoint, load it each way, delete it
@@ -364,41 +365,50 @@ def markdown_table(rows):
     return "\n".join(lines + ["| " + " | ".join(map(cell, r.values())) + " |" for r in rows])
 
 
-def main():
-    BENCHES = dict(attention=bench_attention, magnet=bench_magnet, inference=bench_inference,
-                   unknown_length=bench_unknown_length, load=bench_load, merge=bench_merge, vs_hf=bench_vs_hf)
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--bench", default="attention,magnet,inference,load", help="comma list of: " + ", ".join(BENCHES))
-    # merge, unknown_length: a real base, text and tokenizer from ../shared (or MAGNET_SHARED, as the tests read it)
-    shared = Path(os.environ.get("MAGNET_SHARED", Path(__file__).resolve().parent.parent / "shared"))
-    p.add_argument("--real_base", default=str(shared / "assets/stories260K/stories260K.bin"))
-    p.add_argument("--real_tokenizer", default=str(shared / "assets/stories260K/tok512.model"))
-    p.add_argument("--real_text", default=str(shared / "data/tinystories/tinystories.txt"))
-    p.add_argument("--real_adapter", default="runs/B/magnet/adapter.pt")  # from `bash experiments.sh B`
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    # model size (heads: --bench=magnet's), batch, and the timed runs after 1 warmup
-    for name, default in dict(dim=512, n_layers=8, heads=8, batch=8, seq=512, steps=3).items():
-        p.add_argument(f"--{name}", type=int, default=default)
-    p.add_argument("--checkpoint_activations", action="store_true", help="--bench=magnet: recompute in backward")
-    p.add_argument("--lora_dropout", type=float, default=0.05, help="--bench=vs_hf: LoRA dropout on both sides")
-    p.add_argument("--backends", default="sdpa,math")
-    p.add_argument("--quick", action="store_true", help="tiny sizes everywhere, 1 timed run")
-    p.add_argument("--out", help="also write the results as JSON to this file")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    p.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)  # internal: one run in a fresh process (see isolated)
-    a = p.parse_args()
-    if a._child:  # [function name, config]
-        return print(json.dumps(globals()[a._child[0]](json.loads(a._child[1]))))
+SHARED = Path(os.environ.get("MAGNET_SHARED", Path(__file__).resolve().parent.parent / "shared"))
+
+
+@dataclass
+class BenchConfig:
+    bench: str = "attention,magnet,inference,load"  # comma-separated: attention, magnet, inference, unknown_length,
+    # load, merge, vs_hf
+    real_base: str = str(SHARED / "assets/stories260K/stories260K.bin")  # merge, unknown_length: a real base
+    real_tokenizer: str = str(SHARED / "assets/stories260K/tok512.model")  # ... its tokenizer
+    real_text: str = str(SHARED / "data/tinystories/tinystories.txt")  # ... held-out text
+    real_adapter: str = "runs/B/magnet/adapter.pt"  # ... an adapter of the base (from `bash experiments.sh B`)
+    device: str = "cpu"  # cpu or cuda[:N]
+    dtype: str = "float32"  # float32 or bfloat16
+    dim: int = 512  # model width
+    n_layers: int = 8  # blocks
+    heads: int = 8  # attention heads (--bench=magnet)
+    batch: int = 8  # rows a step
+    seq: int = 512  # tokens a row
+    steps: int = 3  # timed runs after 1 warmup
+    checkpoint_activations: bool = False  # --bench=magnet: recompute each block in backward
+    lora_dropout: float = 0.05  # --bench=vs_hf: LoRA dropout on both sides
+    backends: str = "sdpa,math"  # --bench=attention: the attention paths to time
+    quick: bool = False  # tiny sizes everywhere, 1 timed run
+    out: str = ""  # also write the results as JSON to this file
+    overwrite: bool = False  # replace an existing --out file
+
+
+BENCHES = dict(attention=bench_attention, magnet=bench_magnet, inference=bench_inference,
+               unknown_length=bench_unknown_length, load=bench_load, merge=bench_merge, vs_hf=bench_vs_hf)
+
+
+def main(argv):
+    if argv[:1] == ["--_child"]:  # internal: one run in a fresh process (see isolated): [function name, config]
+        return print(json.dumps(globals()[argv[1]](json.loads(argv[2]))))
+    a, _ = parse(argv, BenchConfig(), __doc__)
     benches, q = a.bench.split(","), a.quick
     if set(benches) - set(BENCHES):
-        p.error(f"--bench: unknown {sorted(set(benches) - set(BENCHES))}; choose from {', '.join(BENCHES)}")
-    if a.out and (Path(a.out).is_dir() or not Path(a.out).parent.is_dir()):  # checked now, not after the runs
-        p.error(f"--out={a.out}: expected a file path in an existing directory")
-    if a.out and Path(a.out).exists() and not a.overwrite:
-        p.error(f"--out={a.out} already exists; pass --overwrite to replace it, or another --out")
-    if min(a.dim, a.n_layers, a.heads, a.batch, a.seq, a.steps) < 1 or set(a.backends.split(",")) - set(BACKENDS):
-        p.error(f"--dim, --n_layers, --heads, --batch, --seq and --steps must be >= 1; --backends among {BACKENDS}")
+        raise ConfigError(f"--bench: unknown {sorted(set(benches) - set(BENCHES))}; choose from {', '.join(BENCHES)}")
+    if a.out:
+        check_result_path(a.out, a.overwrite)  # now, not after the runs
+    if min(a.dim, a.n_layers, a.heads, a.batch, a.seq, a.steps) < 1 or set(a.backends.split(",")) - set(BACKENDS) \
+            or a.dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"--dim, --n_layers, --heads, --batch, --seq and --steps must be >= 1; --backends among "
+                          f"{BACKENDS}; --dtype float32 or bfloat16")
     if q:
         a.dim, a.n_layers, a.batch, a.seq, a.steps = 128, 2, 2, 128, 1
     config = dict(device=a.device, dtype=a.dtype, dim=a.dim, n_layers=a.n_layers, heads=a.heads, batch=a.batch,
@@ -430,10 +440,11 @@ def main():
         allocator = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}  # glibc tuning, if any was set
         report = dict(provenance=provenance(), config=config, allocator_env=allocator, matmul_readings=readings,
                       results=results)
-        tmp = Path(a.out + ".tmp")  # then renamed: an interrupted write never leaves half a file under --out
-        tmp.write_text(json.dumps(report, indent=2))
-        tmp.replace(a.out)
+        write_result(a.out, report)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main(sys.argv[1:])
+    except (ConfigError, CheckpointError, OSError, ValueError) as e:
+        sys.exit(f"error: {e}")

@@ -16,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 out=${1:-results/gpu}
 device=${DEVICE:-cuda}
-if [ "${QUICK:-0}" = 1 ]; then quick=(--quick); shape=(--dim=64 --n_layers=2 --n_heads=4 --multiple_of=32)
+if [ "${QUICK:-0}" = 1 ]; then quick=(--quick=true); shape=(--dim=64 --n_layers=2 --n_heads=4 --multiple_of=32)
 else quick=(); shape=(--dim=4096 --n_layers=32 --n_heads=32 --multiple_of=256); fi
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -44,9 +44,9 @@ torchrun=("$py" -m torch.distributed.run --standalone --nproc_per_node=1 train.p
 
 check "1. one MAGNET step at Llama-2-7B shape" bench_7b.log \
     "$py" bench.py --bench=magnet --device="$device" --dtype=bfloat16 --dim=4096 --n_layers=32 --heads=32 --batch=8 \
-    --seq=512 --checkpoint_activations "${quick[@]}" --out "$out/bench_7b.json" --overwrite
+    --seq=512 --checkpoint_activations=true "${quick[@]}" --out="$out/bench_7b.json" --overwrite=true
 check "2. the view-A LoRA step against HF + PEFT" bench_vs_hf.log \
-    "$py" bench.py --bench=vs_hf --device="$device" "${quick[@]}" --out "$out/bench_vs_hf.json" --overwrite
+    "$py" bench.py --bench=vs_hf --device="$device" "${quick[@]}" --out="$out/bench_vs_hf.json" --overwrite=true
 check "3. train.py under torchrun (FSDP2, one process) at Llama-2-7B shape, batch 4 x 513 + SSCL views" train_7b.log \
     "${torchrun[@]}" "${toy[@]}" --max_iters=10 --stop_at=5 --ckpt_interval=5 --out_dir="$run/fsdp"
 check "   its log" train_7b.md summary "$run/fsdp"

@@ -17,9 +17,6 @@ from torch.utils.checkpoint import checkpoint
 from attention import BACKENDS, PAD, SPAN, attend, plan_attention
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Configuration
-
 @dataclass
 class ModelArgs:
     # The fields of Meta's params.json.

@@ -299,3 +299,15 @@ def test_bad_options_fail_before_any_evaluation(tiny_ckpt, tmp_path, capsys):
         code, res = run(argv + (["--suite=ppl"] if not any(a.startswith("--suite") for a in argv) else []), capsys)
         assert code == 1 and message in res.err and "Traceback" not in res.err, (argv, res.err)
         assert not (tmp_path / "r.json").exists()
+
+
+def test_sts_reads_the_stsb_layout_and_plain_pairs_alike(tmp_path):
+    pairs = [("A man is playing a flute.", "A man plays a flute.", 4.2), ("A cat sleeps.", "Two dogs run.", 0.5)]
+    stsb, plain = tmp_path / "sts-dev.csv", tmp_path / "pairs.tsv"
+    stsb.write_text("".join(f"main-captions\tMSRvid\t2012test\t{i:04d}\t{s}\t{a}\t{b}\textra\n"
+                            for i, (a, b, s) in enumerate(pairs)))
+    plain.write_text("sentence1\tsentence2\tscore\n" + "".join(f"{a}\t{b}\t{s}\n" for a, b, s in pairs))
+    assert ev.read_sts(stsb) == ev.read_sts(plain) == pairs
+    plain.write_text(f"{pairs[0][0]}\t{pairs[0][1]}\t4.2\nsentence1\tsentence2\tscore\n")  # a header only on line 1
+    with pytest.raises(ev.EvalError, match=r"pairs\.tsv, line 2: .*sentence1<TAB>sentence2<TAB>score"):
+        ev.read_sts(plain)

@@ -274,3 +274,12 @@ def test_a_damaged_magnet_json_names_itself(tmp_path):
             read_encoder_settings(tmp_path)
     (tmp_path / "magnet.json").write_text('{"instruction": "Retrieve: ", "pooling": "mean"}')
     assert read_encoder_settings(tmp_path) == {"instruction": "Retrieve: ", "pooling": "mean"}
+
+
+def test_encoding_a_long_list_shows_progress(tiny, capsys):
+    texts = [f"Mia found {n} kites." for n in range(12)]
+    vectors = tiny.encode(texts, batch_size=4)
+    assert "encode" in capsys.readouterr().err  # three batches: a progress bar
+    assert torch.allclose(vectors, torch.cat([tiny.encode(texts[i:i + 4]) for i in range(0, 12, 4)]), atol=1e-5)
+    tiny.encode(texts[:4], batch_size=4)
+    assert "encode" not in capsys.readouterr().err  # one batch: none

@@ -26,3 +26,20 @@ def test_readme_is_short_and_its_images_exist():
     assert len(readme.split()) <= 2500, "README.md is over 2,500 words: move the detail to RESULTS.md or docs/"
     for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", readme):
         assert (ROOT / image).is_file(), f"README.md shows {image}, which is not in the repository"
+
+
+def test_the_lesson_path_names_real_functions_with_their_lengths():
+    """Each row of the README's lesson path: the functions exist in that file and have the lines it says."""
+    import ast
+    rows = re.findall(r"^\| \d+ \| .* \| `(\w+\.py)` \| (.*) \| ([\d + ]+) \|$", (ROOT / "README.md").read_text(), re.M)
+    assert len(rows) >= 20, "the README's lesson path table is missing"
+    for file, names, lengths in rows:
+        spans = {}  # "name" or "Class.name": lines, decorators included
+        for node in ast.parse((ROOT / file).read_text()).body:
+            members = node.body if isinstance(node, ast.ClassDef) else []
+            for n, prefix in [(node, "")] + [(m, node.name + ".") for m in members]:
+                if isinstance(n, (ast.FunctionDef, ast.ClassDef)):
+                    spans[prefix + n.name] = n.end_lineno - min([n.lineno] + [d.lineno for d in n.decorator_list]) + 1
+        for name, length in zip(re.findall(r"`([\w.]+)`", names), lengths.split("+"), strict=True):
+            found = [k for k in spans if k == name or k.endswith("." + name)]
+            assert len(found) == 1 and spans[found[0]] == int(length), (file, name, length, found)
