@@ -1,4 +1,4 @@
-"""Foreign checkpoints in: a GGUF file or a Hugging Face Llama directory -> a Meta directory for model.load_checkpoint.
+"""Foreign checkpoints in: a GGUF file or a Hugging Face Llama directory -> a Meta directory for checkpoint.load_checkpoint.
 
     python convert.py SmolLM2-135M-Instruct.Q4_1.gguf out/smollm2    # GGUF: every tensor dequantized
     python convert.py /path/to/Llama-2-7b-hf out/llama-2-7b           # HF: its q/k rotary permutation undone
