@@ -198,8 +198,8 @@ def bench_unknown_length(config):
     c = config["real"]
     real = Magnet.load(c["base"], c["tokenizer"], adapter=c["adapter"])
     items = blanks(real, EvalConfig(text_data=c["text"], limit=60))[:10]
-    told = sum(median_time(lambda: real.infill_ids(lids, rids, len(gap)), config) for lids, gap, rids, _ in items)
-    not_told = sum(median_time(lambda: real.infill_ids(lids, rids, max_tokens=8), config) for lids, _, rids, _ in items)
+    told = sum(median_time(lambda: real.infill_ids(left, right, len(gap)), config) for left, gap, right, _ in items)
+    not_told = sum(median_time(lambda: real.infill_ids(left, right, max_tokens=8), config) for left, _, right, _ in items)
     return out + [dict(name=f"{Path(c['base']).name} + adapter", max_tokens=8, told_s=told / len(items),
                        not_told_s=not_told / len(items), ratio=not_told / told)]
 

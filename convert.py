@@ -1,6 +1,7 @@
-"""Foreign checkpoints in: a GGUF file or a Hugging Face Llama directory -> a Meta directory for checkpoint.load_checkpoint.
+"""Foreign checkpoints in: a GGUF file or a Hugging Face Llama directory -> a Meta directory that
+checkpoint.load_checkpoint reads.
 
-    python convert.py SmolLM2-135M-Instruct.Q4_1.gguf out/smollm2    # GGUF: every tensor dequantized
+    python convert.py SmolLM2-135M-Instruct.Q4_1.gguf models/smollm2    # GGUF: every tensor dequantized
     python convert.py /path/to/Llama-2-7b-hf out/llama-2-7b           # HF: its q/k rotary permutation undone
 
 OUT_DIR gets params.json, consolidated.00.pth and the tokenizer (tokenizer.model, or tokenizer.json + its

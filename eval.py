@@ -153,7 +153,7 @@ def held_out_passages(cfg, tok):
     return rows[:cfg.limit or None]
 
 
-def limited(items, cfg):
+def up_to_limit(items, cfg):
     if not items:
         raise EvalError("the evaluation split is empty")
     return items[:cfg.limit] if cfg.limit else items
@@ -163,14 +163,14 @@ def limited(items, cfg):
 # Suites: each takes (Magnet, EvalConfig) and returns a dict of metrics
 
 def suite_ppl(m, cfg):
-    rows = [causal_row(p, 1) for p in limited(held_out_passages(cfg, m.tok), cfg) if len(p) > 1]
+    rows = [causal_row(p, 1) for p in up_to_limit(held_out_passages(cfg, m.tok), cfg) if len(p) > 1]
     return {"ppl": perplexity(row_nll(m, rows))}
 
 
 def suite_infill(m, cfg):
     rng = np.random.default_rng(cfg.seed)
     hybrid, causal = [], []
-    for p in limited(held_out_passages(cfg, m.tok), cfg):
+    for p in up_to_limit(held_out_passages(cfg, m.tok), cfg):
         if len(p) < cfg.gap + 8:
             continue
         s = int(rng.integers(4, len(p) - cfg.gap - 3))  # some context on both sides of the gap
@@ -193,11 +193,11 @@ def blanks(m, cfg):
     out = []
     if cfg.text_data == "toy":
         for left, answer, right in toy.blanks(min(cfg.limit or 100, 100), toy.EVAL_SEED + cfg.seed):
-            lids, rids = m.tok.context_ids(left, right)
-            out.append((lids, m.tok.encode_after(left, " " + answer), rids, left))
+            left_ids, right_ids = m.tok.context_ids(left, right)
+            out.append((left_ids, m.tok.encode_after(left, " " + answer), right_ids, left))
         return out
     rng = np.random.default_rng(cfg.seed + 1)  # not the gap perplexity's: its gaps stay where they were
-    for p in limited(held_out_passages(cfg, m.tok), cfg)[:100]:
+    for p in up_to_limit(held_out_passages(cfg, m.tok), cfg)[:100]:
         n = int(rng.integers(1, cfg.max_gap + 1))
         if len(p) < n + 8:
             continue
@@ -213,8 +213,9 @@ def blank_metrics(m, cfg):
     items = blanks(m, cfg)
     if not items:
         raise EvalError(f"{cfg.text_data}: no held-out passage is long enough for a blank of 1..{cfg.max_gap} tokens")
-    for i, (lids, gap, rids, left) in enumerate(tqdm(items, desc="blanks", leave=False)):
-        told, chosen = m.infill_ids(lids, rids, len(gap)), m.infill_ids(lids, rids, max_tokens=cfg.max_gap)
+    for i, (left_ids, gap, right_ids, left) in enumerate(tqdm(items, desc="blanks", leave=False)):
+        told = m.infill_ids(left_ids, right_ids, len(gap))
+        chosen = m.infill_ids(left_ids, right_ids, max_tokens=cfg.max_gap)
         for key, hit in (("blank_em_hybrid", told == gap), ("blank_em_unknown_length", chosen == gap),
                          ("blank_length_exact", len(chosen) == len(gap)),
                          ("blank_length_within_1", abs(len(chosen) - len(gap)) <= 1)):
@@ -224,13 +225,14 @@ def blank_metrics(m, cfg):
                 m.generate(left, len(gap)).strip() == m.tok.decode(gap).strip())
         if i < 3:
             print(f"  [{m.tok.decode(gap)}] told the length: [{m.tok.decode(told)}]  "
-                  f"not told: [{m.tok.decode(chosen)}]  ...{m.tok.decode(lids[-8:])} _ {m.tok.decode(rids[:8])}...")
+                  f"not told: [{m.tok.decode(chosen)}]  ...{m.tok.decode(left_ids[-8:])} _ "
+                  f"{m.tok.decode(right_ids[:8])}...")
     return {k: v / len(items) for k, v in hits.items()}
 
 
 def suite_repetition(m, cfg):
     scores = dict(rep_2=[], rep_3=[], rep_4=[], rep_sen=[])
-    passages = [p for p in limited(held_out_passages(cfg, m.tok), cfg) if len(p) > cfg.prefix_len]
+    passages = [p for p in up_to_limit(held_out_passages(cfg, m.tok), cfg) if len(p) > cfg.prefix_len]
     if not passages:
         raise EvalError(f"no held-out passage is longer than prefix_len={cfg.prefix_len} tokens")
     for p in tqdm(passages, desc="repetition", leave=False):
@@ -244,7 +246,7 @@ def suite_repetition(m, cfg):
 
 def suite_sts(m, cfg):
     pairs = toy.sts_pairs(cfg.limit or 500, toy.EVAL_SEED + cfg.seed, "test") if cfg.sts_data == "toy" \
-        else limited(read_sts(cfg.sts_data), cfg)
+        else up_to_limit(read_sts(cfg.sts_data), cfg)
     gold = [p[2] for p in pairs]
     if len(pairs) < 2 or len(set(gold)) < 2:
         raise EvalError(f"{cfg.sts_data}: Spearman needs >= 2 pairs with different gold scores "
@@ -299,7 +301,7 @@ def token_splits(cfg):
         return {s: toy.tagged_sentences(n, seed + i) for i, (s, n) in
                 enumerate((("train", cfg.probe_train or 300), ("dev", cfg.limit or 300), ("test", cfg.limit or 300)))}
     d = Path(cfg.token_data)
-    splits = {s: limited(read_conll(d / f), cfg) for s, f in (("dev", "valid.txt"), ("test", "test.txt"))}
+    splits = {s: up_to_limit(read_conll(d / f), cfg) for s, f in (("dev", "valid.txt"), ("test", "test.txt"))}
     return dict(train=read_conll(d / "train.txt")[:cfg.probe_train or None], **splits)
 
 
@@ -335,7 +337,7 @@ def suite_mc(m, cfg):
     """acc: the choice with the highest summed log-likelihood; acc_norm: per character of the choice's text, as
     lm-evaluation-harness normalises."""
     items = toy.multiple_choice(cfg.limit or 200, toy.EVAL_SEED + cfg.seed) if cfg.mc_data == "toy" \
-        else limited(read_mc(cfg.mc_data), cfg)
+        else up_to_limit(read_mc(cfg.mc_data), cfg)
     nll = row_nll(m, [row for it in items for row in choice_rows(m.tok, it["context"], it["choices"])])
     right, right_norm, sums = 0, 0, iter(s for s, _ in nll)
     for it in items:

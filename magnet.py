@@ -149,12 +149,12 @@ class Magnet:
         scores = self.causal_logprob(left_ids, [gap + list(right_ids) for gap in gaps])
         return gaps[int(scores.argmax())]  # ties go to the shorter gap
 
-    def _decode_gaps(self, lids, rids, lengths, temperature, top_p, gen):
+    def _decode_gaps(self, left_ids, right_ids, lengths, temperature, top_p, gen):
         """One gap per length in `lengths`, decoded together with a KV cache (batch row k has a gap of lengths[k])."""
-        dev, (L, R, K, n_max) = self.device, (len(lids), len(rids), len(lengths), max(lengths))
+        dev, (L, R, K, n_max) = self.device, (len(left_ids), len(right_ids), len(lengths), max(lengths))
         cache = KVCache(self.model.args, K, L + R + n_max, dev, self.model.output.weight.dtype)
         pos = torch.stack([torch.cat([torch.arange(L), torch.arange(L + n, L + n + R)]) for n in lengths]).to(dev)
-        tokens = torch.tensor([lids + rids], device=dev).expand(K, -1)  # (K, L+R): the same context, own positions
+        tokens = torch.tensor([left_ids + right_ids], device=dev).expand(K, -1)  # (K, L+R): one context, own positions
         logits = self.model(tokens, torch.full_like(tokens, CONTEXT), positions=pos, cache=cache)[:, L - 1]  # (K, V)
         gaps = [[] for _ in lengths]
         for i in range(n_max):
@@ -169,17 +169,17 @@ class Magnet:
             logits = self.model(step, roles, positions=torch.full((K, 1), L + i, device=dev), cache=cache)[:, 0]
         return gaps
 
-    def _decode_gaps_recomputed(self, lids, rids, lengths, temperature, top_p, gen):
+    def _decode_gaps_recomputed(self, left_ids, right_ids, lengths, temperature, top_p, gen):
         """The reference _decode_gaps must equal: each step recomputes each gap's whole row, not-yet-decoded span
         tokens as placeholders (same order of samples, so even sampled gaps match)."""
         gaps = [[] for _ in lengths]
         for i in range(max(lengths)):
             for gap, n in zip(gaps, lengths):
                 if i < n:
-                    row = lids + gap + [self.tok.unk_id] * (n - i) + rids
-                    roles = [CONTEXT] * len(lids) + [SPAN] * n + [CONTEXT] * len(rids)
+                    row = left_ids + gap + [self.tok.unk_id] * (n - i) + right_ids
+                    roles = [CONTEXT] * len(left_ids) + [SPAN] * n + [CONTEXT] * len(right_ids)
                     logits = self.model(torch.tensor([row], device=self.device),
-                                        torch.tensor([roles], device=self.device))[0, len(lids) - 1 + i]
+                                        torch.tensor([roles], device=self.device))[0, len(left_ids) - 1 + i]
                     gap.append(self._sample(logits, temperature, top_p, gen))
         return gaps
 

@@ -31,7 +31,8 @@ def test_span_sampling_invariants_over_many_seeds():
 
 
 def test_span_counts_and_lengths_are_uniform_on_long_rows():
-    """The defaults (docs/design.md §4) at seq_len 512: 1..3 spans, each 8..32 tokens, both uniform (no clipping at this size)."""
+    """The defaults (docs/design.md §4) at seq_len 512: 1..3 spans, each 8..32 tokens, both uniform (no clipping at this
+    size)."""
     rng = np.random.default_rng(0)
     draws = [sample_spans(513, rng, 3, 8, 32) for _ in range(3000)]
     counts = np.bincount([len(spans) for spans in draws], minlength=4)[1:]
@@ -217,10 +218,10 @@ def test_pieces_tokenize_like_the_whole_text_with_llama2():
                 left, gap, right = text[:lo], text[lo:hi], text[hi:]
                 if gap.endswith(" ") and not right[:1].isalnum():
                     continue
-                lids, rids = tok.context_ids(left, right)
-                assert lids == [tok.bos_id] + want_left and rids == want_right, (left, gap, right)
+                left_ids, right_ids = tok.context_ids(left, right)
+                assert left_ids == [tok.bos_id] + want_left and right_ids == want_right, (left, gap, right)
                 # no stray "▁": only those the whole text has (Llama-2 writes " 1998" as "▁" + digits)
-                assert (lids + rids).count(29871) <= whole.count(29871)
+                assert (left_ids + right_ids).count(29871) <= whole.count(29871)
                 checked += 1
     assert checked > 60
     assert tok.encode_after("The kite was red and", " it flew high.") == tok.encode("The kite was red and it flew "

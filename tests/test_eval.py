@@ -51,8 +51,9 @@ def test_blanks_are_the_whole_texts_ids_split_in_three(toy, tmp_path):
     m = SimpleNamespace(tok=toy[2])
     cfg = ev.EvalConfig(limit=40)
     toy_blanks = ev.blanks(m, cfg)
-    for (lids, gap, rids, left), (_, answer, right) in zip(toy_blanks, toy_world.blanks(40, toy_world.EVAL_SEED)):
-        assert lids + gap + rids == toy[2].encode(left + " " + answer + right, bos=True)
+    expected = toy_world.blanks(40, toy_world.EVAL_SEED)
+    for (left_ids, gap, right_ids, left), (_, answer, right) in zip(toy_blanks, expected):
+        assert left_ids + gap + right_ids == toy[2].encode(left + " " + answer + right, bos=True)
     assert {len(gap) for _, gap, _, _ in toy_blanks} == {1, 2, 3, 4}
     text = tmp_path / "text.txt"
     text.write_text("\n\n".join(toy_world.stories(60, 5)))
@@ -60,9 +61,9 @@ def test_blanks_are_the_whole_texts_ids_split_in_three(toy, tmp_path):
     passages = ev.held_out_passages(cfg, toy[2])
     text_blanks = ev.blanks(m, cfg)
     assert len(text_blanks) == len(passages) and {len(g) for _, g, _, _ in text_blanks} <= set(range(1, 7))
-    for (lids, gap, rids, left), p in zip(text_blanks, passages):
-        whole = lids[1:] + gap + rids
-        assert lids[0] == p[0] == toy[2].bos_id and left is None
+    for (left_ids, gap, right_ids, left), p in zip(text_blanks, passages):
+        whole = left_ids[1:] + gap + right_ids
+        assert left_ids[0] == p[0] == toy[2].bos_id and left is None
         assert any(p[i:i + len(whole)] == whole for i in range(len(p)))
 
 
@@ -71,9 +72,9 @@ def test_blank_metrics_count_exact_match_and_length(toy, monkeypatch, tmp_path):
     unknown-length EM 0, length exact 0, length within one 1."""
     from magnet import Magnet
     m = Magnet(Transformer(ModelArgs(dim=16, n_layers=1, n_heads=2, vocab_size=toy[2].vocab_size)).eval(), toy[2])
-    truth = {(tuple(lids), tuple(rids)): gap for lids, gap, rids, _ in ev.blanks(m, ev.EvalConfig(limit=10))}
-    monkeypatch.setattr(m, "infill_ids", lambda lids, rids, n_tokens=None, max_tokens=8:
-                        truth[tuple(lids), tuple(rids)] + ([] if n_tokens else [5]))
+    truth = {(tuple(left), tuple(right)): gap for left, gap, right, _ in ev.blanks(m, ev.EvalConfig(limit=10))}
+    monkeypatch.setattr(m, "infill_ids", lambda left_ids, right_ids, n_tokens=None, max_tokens=8:
+                        truth[tuple(left_ids), tuple(right_ids)] + ([] if n_tokens else [5]))
     got = ev.blank_metrics(m, ev.EvalConfig(limit=10))
     assert {k: v for k, v in got.items() if k != "blank_em_left_only"} == dict(
         blank_em_hybrid=1.0, blank_em_unknown_length=0.0, blank_length_exact=0.0, blank_length_within_1=1.0)

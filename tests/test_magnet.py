@@ -56,21 +56,21 @@ def test_unknown_length_infill_with_cache_equals_recomputation(tiny):
 def test_unknown_length_infill_picks_the_proposal_the_causal_lm_likes_best(tiny):
     """n_tokens=None: the proposals are the known-length infills of 1..max_tokens tokens, and the one returned
     maximises log p(gap + right | left) -- re-derived here in float64, one candidate at a time, full logits."""
-    lids, rids = tiny.tok.context_ids("One day, Tom found a", " near the river. The big toy drum was old.")
-    proposals = [tiny.infill_ids(lids, rids, n) for n in range(1, 6)]
+    left_ids, right_ids = tiny.tok.context_ids("One day, Tom found a", " near the river. The big toy drum was old.")
+    proposals = [tiny.infill_ids(left_ids, right_ids, n) for n in range(1, 6)]
     assert [len(p) for p in proposals] == [1, 2, 3, 4, 5]
     ref = Transformer(tiny.model.args).double().eval()
     ref.load_state_dict(tiny.model.state_dict())
     want = []
     for gap in proposals:
-        row = torch.tensor([lids + gap + rids])
+        row = torch.tensor([left_ids + gap + right_ids])
         with torch.no_grad():
             logp = torch.log_softmax(ref(row)[0].double(), -1)  # all-SPAN: the causal LM
-        want.append(sum(float(logp[t - 1, row[0, t]]) for t in range(len(lids), row.shape[1])))
-    got = tiny.causal_logprob(lids, [gap + rids for gap in proposals])
+        want.append(sum(float(logp[t - 1, row[0, t]]) for t in range(len(left_ids), row.shape[1])))
+    got = tiny.causal_logprob(left_ids, [gap + right_ids for gap in proposals])
     assert torch.allclose(got.double(), torch.tensor(want, dtype=torch.float64), atol=1e-3)
     assert max(want) - sorted(want)[-2] > 1e-2  # a clear winner, so the argmax below is not a float tie
-    assert tiny.infill_ids(lids, rids, max_tokens=5) == proposals[int(np.argmax(want))]
+    assert tiny.infill_ids(left_ids, right_ids, max_tokens=5) == proposals[int(np.argmax(want))]
 
 
 def test_infill_feeds_exactly_the_given_context(tiny, monkeypatch):
