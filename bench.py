@@ -440,7 +440,7 @@ def main(argv):
         allocator = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}  # glibc tuning, if any was set
         report = dict(provenance=provenance(), config=config, allocator_env=allocator, matmul_readings=readings,
                       results=results)
-        write_result(a.out, report)
+        write_result(a.out, report, a.overwrite)
 
 
 if __name__ == "__main__":

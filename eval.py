@@ -432,7 +432,7 @@ def main(argv):
                         raise
                     report["results"][name][s] = {"error": str(e)}
         print(markdown(report["results"]))  # first: a failed write must not lose the results
-        runs.write_result(cfg.out, report)
+        runs.write_result(cfg.out, report, cfg.overwrite)
         print(f"wrote {cfg.out}", file=sys.stderr)
     except (ConfigError, EvalError, CheckpointError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

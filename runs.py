@@ -1,9 +1,9 @@
 """Run directories and result files: nothing a user has is lost, and every result says where it came from.
 
-A run directory belongs to one training at a time (a lock file beside it), is never written into or replaced unless
-asked (--overwrite moves the old one aside until the new run has finished), and holds checkpoints that a crash at
-any moment leaves loadable: distributed checkpoints (DCP) of the trainable state and the optimizer, swapped in by
-renames. Result files are written to a temporary name and renamed, and carry their provenance (commit, machine).
+A run directory belongs to one training at a time (its directory is locked), is never written into or replaced
+unless asked (--overwrite moves what the old run wrote aside until the new run has finished), and holds checkpoints
+that a crash at any moment leaves loadable: distributed checkpoints (DCP) of the trainable state and the optimizer,
+swapped in by renames. Result files are written to a temporary name and renamed, and carry their provenance (commit, machine).
 """
 import contextlib
 import fcntl
@@ -53,50 +53,90 @@ def barrier():
         dist.barrier()
 
 
+RUN_MARKER = ".magnet_run"  # written first into a run directory: it tells a run from a directory of the user's
+RUN_ENTRIES = (RUN_MARKER, "config.json", "config.json.tmp", "log.jsonl", "log.jsonl.tmp", "ckpt", "ckpt.tmp",
+               "ckpt.old", "adapter.pt", "adapter.pt.tmp", "merged", "toy", "base")  # all a run writes in its
+# directory, and so all that --overwrite may replace
+
+
+def remove(path):
+    """Delete a file, a symlink or a directory tree."""
+    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
 @contextlib.contextmanager
 def exclusive_run_dir(out, overwrite, resume, rank=0, world=1):
-    """The run directory `out`, for this run alone: a lock refuses a second process on the same out_dir; an existing
-    run, or a non-empty directory that is not a run, is refused without --overwrite; with it the old directory is moved
-    aside (OUT.replaced) until the new run has finished or stopped at stop_at, and is put back if the new one fails.
-    Nothing a user has is lost to a failed run."""
-    backup, lock, moved = out.with_name(out.name + ".replaced"), None, False
+    """The run directory `out`, for this run alone. Its directory is locked (flock, so a second process is refused
+    whatever path it names it by, and nothing is left behind). An existing run, or a non-empty directory that is not
+    a run, is refused without --overwrite; with it, the entries a run writes (RUN_ENTRIES, nothing else) are moved
+    aside to OUT.replaced until the new run has finished or stopped at stop_at, and put back if it fails."""
+    aside, held = out.with_name(out.name + ".replaced"), {}  # held: rank 0's lock and the moves it made
+
+    def restore():
+        for entry in RUN_ENTRIES:  # what the failed run wrote
+            if (out / entry).exists() or (out / entry).is_symlink():
+                remove(out / entry)
+        for src, dst in reversed(held.pop("moved", [])):
+            if src == out and out.is_dir():  # a file the user had at out_dir: the run's directory goes
+                shutil.rmtree(out)
+            dst.rename(src)
+        if aside.is_dir() and not any(aside.iterdir()):
+            aside.rmdir()
 
     def acquire():
-        nonlocal lock, moved
-        out.parent.mkdir(parents=True, exist_ok=True)
-        lock = open(out.with_name(out.name + ".lock"), "w")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when this process ends, however it ends
-        except BlockingIOError:
-            raise ConfigError(f"{out}: another process is running in it (it holds {lock.name})") from None
-        if backup.exists():
-            raise ConfigError(f"{backup} holds the run that an interrupted --overwrite was replacing: move it back "
+        if aside.exists():
+            raise ConfigError(f"{aside} holds the run that an interrupted --overwrite was replacing: move it back "
                               f"to {out} or delete it")
-        ours = any((out / f).exists() for f in ("log.jsonl", "toy", "base.lock"))  # what a run writes first
-        if out.exists() and not overwrite and (not out.is_dir() or (not ours and any(out.iterdir()))):
+        if out.exists() and not out.is_dir():
+            if not overwrite:
+                raise ConfigError(f"{out} exists and is not a train.py run; pass --overwrite=true to replace it (it "
+                                  "is kept until the new run has finished), or another --out_dir")
+            out.rename(aside)
+            held["moved"] = [(out, aside)]
+        created = not out.exists()
+        out.mkdir(parents=True, exist_ok=True)
+        held["lock"] = os.open(out, os.O_RDONLY)  # released when this process ends, however it ends
+        try:
+            fcntl.flock(held["lock"], fcntl.LOCK_EX | fcntl.LOCK_NB)
+            check_and_move_aside()
+        except BaseException as e:
+            os.close(held.pop("lock"))
+            if created:
+                out.rmdir()
+            restore() if held.get("moved") else None
+            if isinstance(e, BlockingIOError):
+                raise ConfigError(f"{out}: another process is running in it") from None
+            raise
+        (out / RUN_MARKER).write_text("a train.py run directory: --overwrite=true may replace what it wrote\n")
+
+    def check_and_move_aside():
+        ours = (out / RUN_MARKER).exists() or ((out / "log.jsonl").is_file() and (out / "config.json").is_file())
+        if not ours and not overwrite and any(out.iterdir()):
             raise ConfigError(f"{out} exists and is not a train.py run; pass --overwrite=true to replace it (it is "
                               "kept until the new run has finished), or another --out_dir")
-        if (out / "log.jsonl").exists() and not (resume or overwrite):
+        if ours and (out / "log.jsonl").exists() and not (resume or overwrite):
             raise ConfigError(f"{out} already holds a run; pass --resume=true to continue it, --overwrite=true to "
                               "start over, or another --out_dir")
-        if overwrite and not resume and out.exists():
-            out.rename(backup)
-            moved = True
+        theirs = [out / e for e in RUN_ENTRIES if (out / e).exists() or (out / e).is_symlink()]
+        if overwrite and not resume and theirs:
+            aside.mkdir()
+            for entry in theirs:
+                entry.rename(aside / entry.name)
+                held.setdefault("moved", []).append((entry, aside / entry.name))
 
     try:
         rank0_first(lambda: acquire() if rank == 0 else None, rank, world)
         yield
     except BaseException:
-        if moved:
-            shutil.rmtree(out, ignore_errors=True)
-            backup.rename(out)
+        if held.get("moved"):
+            restore()
             print(f"the run this one was replacing is back in {out}", file=sys.stderr)
         raise
     finally:
-        if lock:
-            lock.close()
-    if moved:
-        shutil.rmtree(backup) if backup.is_dir() and not backup.is_symlink() else backup.unlink()
+        if "lock" in held:
+            os.close(held.pop("lock"))
+    if held.get("moved"):
+        remove(aside)
 
 
 MAY_CHANGE_ON_RESUME = {"out_dir", "resume", "overwrite", "stop_at", "max_iters", "lr", "min_lr", "warmup_iters",
@@ -105,33 +145,62 @@ MAY_CHANGE_ON_RESUME = {"out_dir", "resume", "overwrite", "stop_at", "max_iters"
 
 
 def check_resume(out, settings):
-    """A resume continues the same run: only schedule and system keys may differ from the saved config.json."""
+    """A resume continues the same run: only schedule and system keys may differ from the saved config.json, and the
+    data files (settings["data_files"]) must be the ones the run started with."""
     if not (out / "config.json").exists():
         return  # a run stopped before it wrote one: nothing to compare
     saved = read_json_object(out / "config.json", "the run's settings")
+    for path, now in settings["data_files"].items():
+        before = saved.get("data_files", {}).get(path, now)  # (a run from before data_files were recorded: trusted)
+        if before != now:
+            raise ConfigError(f"--resume: {path} changed since the run started ({before} -> {now}); a resume reads "
+                              "the same data. Restore the file, or start a new run in another --out_dir")
     changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in settings.items()
-               if k not in MAY_CHANGE_ON_RESUME and saved.get(k) != v]
+               if k not in MAY_CHANGE_ON_RESUME and k != "data_files" and saved.get(k) != v]
     if changed:
         raise ConfigError(f"--resume: {out / 'config.json'} defines the run differently ({', '.join(changed)}); only "
                           f"{', '.join(sorted(MAY_CHANGE_ON_RESUME))} may change. Start a new run in another --out_dir")
 
 
+def file_identity(path, sample=1 << 20):
+    """What a data file is, cheaply even for a large corpus: its size and a hash of its first, middle and last MiB
+    (so of all of it up to 3 MiB)."""
+    size, digest = path.stat().st_size, hashlib.sha256()
+    with open(path, "rb") as f:
+        for offset in sorted({0, max(0, size // 2 - sample // 2), max(0, size - sample)}):
+            f.seek(offset)
+            digest.update(f.read(sample))
+    return f"{size} bytes, sha256 {digest.hexdigest()[:16]}"
+
+
+def write_atomic(path, text):
+    """Write a text file under a temporary name, flush it to disk, then rename: `path` is never half-written."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
 def start_log(out, settings, start):
     """Write the run's config.json and open its log.jsonl, keeping the lines of steps < start (a resume runs the later
-    ones again; a damaged line is an error). Returns the open log file."""
+    ones again): rewritten to disk before the first new step, so a kill at any moment loses no kept line. A damaged
+    line is an error, except a last line cut short by a kill mid-write (no newline at its end), which is dropped."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(settings, indent=2) + "\n")
-    path = out / "log.jsonl"
-    lines = path.read_text().splitlines() if start else []
+    write_atomic(out / "config.json", json.dumps(settings, indent=2) + "\n")
+    path, text = out / "log.jsonl", (out / "log.jsonl").read_text() if start else ""
+    lines = text.splitlines()
+    if lines and not text.endswith("\n"):
+        lines = lines[:-1]  # the partial line of a step that was being logged when the run was killed
     for n, line in enumerate(lines, 1):
         try:
             json.loads(line)["step"]
         except (json.JSONDecodeError, KeyError, TypeError):
             raise ConfigError(f"{path}, line {n}: damaged log line {line[:60]!r}; delete it (and any after it) "
                               "to resume") from None
-    log = open(path, "w")
-    log.write("".join(line + "\n" for line in lines if json.loads(line)["step"] < start))
-    return log
+    write_atomic(path, "".join(line + "\n" for line in lines if json.loads(line)["step"] < start))
+    return open(path, "a")
 
 
 def dcp_error(e):
@@ -210,12 +279,26 @@ def check_result_path(path, overwrite):
         raise ConfigError(f"--out={path} already exists; pass --overwrite=true to replace it, or another --out")
 
 
-def write_result(path, report):
-    """The report as JSON, written to a temporary name and renamed: never a half-written file under `path`."""
+def write_result(path, report, overwrite=False):
+    """The report as JSON, written to a temporary name and then put in place: never a half-written file under `path`,
+    and, without `overwrite`, never over a file, not even one that appeared while the report was being made."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(path)
+    if overwrite:
+        tmp.replace(path)
+        return
+    try:
+        os.link(tmp, path)  # fails if `path` exists, at the moment it is put in place
+    except FileExistsError:
+        raise ConfigError(f"--out={path} appeared while this ran; the new results are in {tmp} (pass "
+                          "--overwrite=true to replace a file)") from None
+    except OSError:  # a file system without hard links: check, then rename
+        if path.exists():
+            raise ConfigError(f"--out={path} appeared while this ran; the new results are in {tmp}") from None
+        tmp.replace(path)
+        return
+    tmp.unlink()
 
 
 def fingerprint(files):

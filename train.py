@@ -250,7 +250,7 @@ def train(model, corpus, pairs, cfg, out, rank, world, device):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
     start = runs.load_state(out, model, opt, rank) if cfg.resume and (out / "log.jsonl").exists() else 0
-    log = runs.start_log(out, asdict(cfg), start) if rank == 0 else None
+    log = runs.start_log(out, run_settings(cfg), start) if rank == 0 else None
     bar = tqdm(range(start, cfg.max_iters), initial=start, total=cfg.max_iters, disable=rank != 0,
                desc=out.name, dynamic_ncols=True)
     recent, saved, stopped = [], start, False  # recent: the last 50 total losses, for the spike guard
@@ -303,6 +303,12 @@ def export(out, model, full, tok, cfg, rank):
     runs.barrier()
 
 
+def run_settings(cfg):
+    """What defines a run, saved as its config.json: the config, and what the data files are (runs.check_resume)."""
+    files = [] if cfg.data == "toy" else cfg.data.split(",")  # the toy world is made anew from the seed
+    return {**asdict(cfg), "data_files": {p: runs.file_identity(Path(p)) for p in files + [cfg.pairs] if p}}
+
+
 def pretrain_base(cfg, rank, world, device):
     """Phase 1 of a run from scratch with LoRA: a causal base model, fully trained (all SPAN rows, MSG only), in
     out_dir/base; returns the config that adapts it with MAGNET (phase 2)."""
@@ -320,7 +326,7 @@ def run(cfg, rank, world, device):
         if cfg.init_from == "scratch" and cfg.lora and cfg.pretrain_iters > 0:
             cfg = pretrain_base(cfg, rank, world, device)
         if cfg.resume:
-            runs.check_resume(out, asdict(cfg))
+            runs.check_resume(out, run_settings(cfg))
         tok, corpus, pairs = runs.rank0_first(lambda: setup_data(cfg, out, write=rank == 0), rank, world)
         full = runs.rank0_first(lambda: build_model(cfg, tok) if rank == 0 else None, rank, world)
         model = fsdp_shard(full, cfg, rank, device) if dist.is_initialized() else full.to(device)
@@ -333,7 +339,8 @@ def run(cfg, rank, world, device):
             return
         export(out, model, full, tok, cfg, rank)
     if rank == 0 and cfg.demo and cfg.data == "toy":  # after the run is safely in place: a failed demo loses nothing
-        toy.demo(out / "merged", cfg.init_from, out / "adapter.pt" if cfg.lora else None, cfg.seed)
+        exact = cfg.lora and cfg.init_from != "scratch"  # the base + adapter, or (a random base) the merged export
+        toy.demo(out / "merged", cfg.init_from, out / "adapter.pt" if exact else None, cfg.seed)
 
 
 def main(argv):

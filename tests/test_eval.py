@@ -312,3 +312,17 @@ def test_sts_reads_the_stsb_layout_and_plain_pairs_alike(tmp_path):
     plain.write_text(f"{pairs[0][0]}\t{pairs[0][1]}\t4.2\nsentence1\tsentence2\tscore\n")  # a header only on line 1
     with pytest.raises(ev.EvalError, match=r"pairs\.tsv, line 2: .*sentence1<TAB>sentence2<TAB>score"):
         ev.read_sts(plain)
+
+
+def test_an_out_file_that_appears_during_the_run_is_not_replaced(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "r.json"
+    real = ev.SUITE_FUNCTIONS["ppl"]
+
+    def meanwhile(m, cfg):  # another process writes the same --out while this one evaluates
+        out.write_text("theirs")
+        return real(m, cfg)
+
+    monkeypatch.setitem(ev.SUITE_FUNCTIONS, "ppl", meanwhile)
+    code, res = run([f"--ckpt={tiny_ckpt}", "--suite=ppl", "--limit=4", f"--out={out}"], capsys)
+    assert code == 1 and "appeared while this ran" in res.err and out.read_text() == "theirs"
+    assert "| ppl | ppl |" in res.out and json.loads((tmp_path / "r.json.tmp").read_text())["results"]

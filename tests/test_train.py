@@ -318,8 +318,18 @@ def test_an_existing_run_is_never_overwritten(setup, capsys):
     assert [p.name for p in foreign.iterdir()] == ["config.json"] and (d / "a-file").read_text() == "mine"
     run_main(common + ["--max_iters=1", "--overwrite=true", f"--out_dir={d / 'a-file'}"])  # asked: replaced, not kept
     assert (d / "a-file" / "log.jsonl").exists() and not (d / "a-file.replaced").exists()
-    # what a toy-world run writes before its log (toy/) marks the directory as a run: rerunning it is not refused
+    # names a run writes (toy/, config.json) do not make a directory a run: only the marker a run writes first does
+    mine = d / "mine"
+    (mine / "toy").mkdir(parents=True)
+    (mine / "toy" / "stories.txt").write_text("my stories")
+    (mine / "config.json").write_text("mine")
+    mine_before = snapshot(mine)
+    assert train.main(common + ["--max_iters=1", f"--out_dir={mine}"]) == 1
+    assert "is not a train.py run; pass --overwrite=true" in capsys.readouterr().err
+    assert snapshot(mine) == mine_before and sorted(p.name for p in mine.iterdir()) == ["config.json", "toy"]
+    # a run killed before its log (only its marker and toy/ written) is one: rerunning it is not refused
     (d / "toy-started" / "toy").mkdir(parents=True)
+    (d / "toy-started" / runs.RUN_MARKER).write_text("")
     run_main(common + ["--max_iters=1", f"--out_dir={d / 'toy-started'}"])
 
 
@@ -435,10 +445,16 @@ def test_one_process_per_run_directory_and_damaged_logs(setup, capsys):
     d, common = setup
     out = d / "locked"
     run_main(common + ["--max_iters=4", "--stop_at=2", f"--out_dir={out}"])
-    with open(d / "locked.lock", "w") as other:  # as if a second process were training in it
+    (d / "alias").symlink_to(out)
+    other = os.open(out, os.O_RDONLY)  # as if a second process were training in it
+    try:
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        assert train.main(common + ["--max_iters=4", "--resume=true", f"--out_dir={out}"]) == 1
-        assert "locked: another process is running in it" in capsys.readouterr().err
+        for name in (out, d / "alias"):  # by any path: the lock is the directory's own
+            assert train.main(common + ["--max_iters=4", "--resume=true", f"--out_dir={name}"]) == 1
+            assert f"{name.name}: another process is running in it" in capsys.readouterr().err
+    finally:
+        os.close(other)
+    assert not list(d.glob("*.lock"))  # a refused run leaves nothing behind
     with open(out / "log.jsonl", "a") as log:
         log.write("3086}\n")
     assert train.main(common + ["--max_iters=4", "--resume=true", f"--out_dir={out}"]) == 1
@@ -512,3 +528,62 @@ def test_the_prepared_gpu_check_runs(tmp_path):
     assert "FSDP2 (world size 1)" in (out / "train_resumed.log").read_text()
     assert (tmp_path / "run" / "resume" / "merged" / "params.json").exists()  # the resumed run exported
     assert all(f"step {i}:" in plain for i in range(3)) and "step 3:" not in plain
+
+
+def test_a_run_replaces_only_what_it_wrote(setup):
+    """--overwrite moves aside (and, once the new run has finished, deletes) only the entries a run writes: a model
+    converted into the run directory, or any other file of the user's, stays byte for byte."""
+    d, common = setup
+    out = d / "shared-dir"
+    run_main(common + ["--max_iters=1", f"--out_dir={out}"])
+    (out / "smollm2").mkdir()
+    (out / "smollm2" / "params.json").write_text('{"dim": 576}')
+    (out / "notes.txt").write_text("mine")
+    run_main(common + ["--max_iters=2", "--overwrite=true", f"--out_dir={out}"])
+    assert len(losses(out)) == 2 and not (d / "shared-dir.replaced").exists()
+    assert (out / "smollm2" / "params.json").read_text() == '{"dim": 576}' and (out / "notes.txt").read_text() == "mine"
+
+
+def test_the_kept_log_is_on_disk_before_the_first_resumed_step(tmp_path):
+    """A resume rewrites log.jsonl without the steps it will run again: the kept lines are on disk (renamed into
+    place) before it returns, so a kill -9 right after loses none; a last line cut short by a kill is dropped."""
+    out = tmp_path / "run"
+    out.mkdir()
+    lines = [json.dumps({"step": i, "total": 1.0}) for i in range(5)]
+    (out / "log.jsonl").write_text("\n".join(lines) + '\n{"step": 5, "tot')  # killed while logging step 5
+    log = runs.start_log(out, {"seed": 0}, 3)
+    try:
+        assert (out / "log.jsonl").read_text() == "\n".join(lines[:3]) + "\n"  # before any write or flush of `log`
+        assert json.loads((out / "config.json").read_text()) == {"seed": 0}
+        assert not list(out.glob("*.tmp"))
+    finally:
+        log.close()
+    (out / "log.jsonl").write_text("\n".join(lines) + '\n{"step": 5, "tot\n')  # a whole damaged line: refused
+    with pytest.raises(ConfigError, match="line 6: damaged log line"):
+        runs.start_log(out, {"seed": 0}, 3)
+
+
+def test_resume_refuses_a_corpus_that_changed(setup, capsys):
+    d, common = setup
+    corpus = d / "corpus-copy.txt"
+    shutil.copyfile(next(a for a in common if a.startswith("--data=")).partition("=")[2], corpus)
+    args = [a for a in common if not a.startswith("--data=")] + [f"--data={corpus}", "--max_iters=3"]
+    out = d / "changing"
+    run_main(args + ["--stop_at=1", f"--out_dir={out}"])
+    corpus.write_text(corpus.read_text().replace("kite", "boat"))  # same path, other text
+    assert train.main(args + ["--resume=true", f"--out_dir={out}"]) == 1
+    assert f"--resume: {corpus} changed since the run started" in capsys.readouterr().err
+    assert len(losses(out)) == 1
+
+
+def test_the_demo_runs_after_the_run_is_safe(tmp_path, capsys, monkeypatch):
+    """The toy world, LoRA on a random base (no phase 1): the demo reads the merged export; and should the demo fail,
+    the finished run stays where it is."""
+    args = ["--pretrain_iters=0", "--dim=32", "--n_layers=1", "--n_heads=2", "--multiple_of=16", "--max_iters=2",
+            "--batch_size=4", "--seq_len=32", "--sscl_len=16", "--device=cpu", f"--cache_dir={tmp_path / 'cache'}"]
+    run_main(args + [f"--out_dir={tmp_path / 'ok'}"])
+    assert "cosine similarity to" in capsys.readouterr().out
+    monkeypatch.setattr(train.toy, "demo", lambda *a: (_ for _ in ()).throw(ValueError("demo failed")))
+    assert train.main(args + [f"--out_dir={tmp_path / 'demo-fails'}"]) == 1
+    assert "demo failed" in capsys.readouterr().err
+    assert (tmp_path / "demo-fails" / "merged" / "params.json").exists() and len(losses(tmp_path / "demo-fails")) == 2
