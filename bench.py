@@ -348,7 +348,7 @@ def bench_vs_hf(config):
         opt.step()
     seconds = median_time(step, config)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    step()  # one more, to count the page faults of a step in steady state (costly on VMs: see the README)
+    step()  # one more, to count the page faults of a step in steady state (costly on VMs: docs/performance.md)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     with torch.device("meta"):  # the same shapes, to count FLOPs (HF computes every logit)
         shapes = apply_lora(Transformer(args), rank=16)
@@ -370,8 +370,7 @@ SHARED = Path(os.environ.get("MAGNET_SHARED", Path(__file__).resolve().parent.pa
 
 @dataclass
 class BenchConfig:
-    bench: str = "attention,magnet,inference,load"  # comma-separated: attention, magnet, inference, unknown_length,
-    # load, merge, vs_hf
+    bench: str = "attention,magnet,inference,load"  # among attention magnet inference unknown_length load merge vs_hf
     real_base: str = str(SHARED / "assets/stories260K/stories260K.bin")  # merge, unknown_length: a real base
     real_tokenizer: str = str(SHARED / "assets/stories260K/tok512.model")  # ... its tokenizer
     real_text: str = str(SHARED / "data/tinystories/tinystories.txt")  # ... held-out text
@@ -397,8 +396,6 @@ BENCHES = dict(attention=bench_attention, magnet=bench_magnet, inference=bench_i
 
 
 def main(argv):
-    if argv[:1] == ["--_child"]:  # internal: one run in a fresh process (see isolated): [function name, config]
-        return print(json.dumps(globals()[argv[1]](json.loads(argv[2]))))
     a, _ = parse(argv, BenchConfig(), __doc__)
     benches, q = a.bench.split(","), a.quick
     if set(benches) - set(BENCHES):
@@ -444,6 +441,9 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--_child"]:  # internal: one run in a fresh process (see isolated): [function name, config]
+        print(json.dumps(globals()[sys.argv[2]](json.loads(sys.argv[3]))))
+        sys.exit(0)
     try:
         main(sys.argv[1:])
     except (ConfigError, CheckpointError, OSError, ValueError) as e:

@@ -64,7 +64,7 @@ def read_config_file(arg):
     """(key, value, "file, line N") for each `key = literal` line of a config file."""
     path = Path(arg)
     if not path.is_file():
-        raise ConfigError(f"{arg}: config file not found (expected --key=value or a config file such as config/toy.py)")
+        raise ConfigError(f"{arg}: config file not found (expected --key=value, or a file of `key = literal` lines)")
     try:
         tree = ast.parse(read_text(path), filename=arg)
     except SyntaxError as e:

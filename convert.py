@@ -2,7 +2,7 @@
 checkpoint.load_checkpoint reads.
 
     python convert.py SmolLM2-135M-Instruct.Q4_1.gguf models/smollm2    # GGUF: every tensor dequantized
-    python convert.py /path/to/Llama-2-7b-hf out/llama-2-7b           # HF: its q/k rotary permutation undone
+    python convert.py /path/to/Llama-2-7b-hf models/llama-2-7b           # HF: its q/k rotary permutation undone
 
 OUT_DIR gets params.json, consolidated.00.pth and the tokenizer (tokenizer.model, or tokenizer.json + its
 tokenizer_config.json). Tensors are read one at a time (memory-mapped), in the target dtype: peak memory is about one

@@ -153,7 +153,8 @@ def held_out_passages(cfg, tok):
     return rows[:cfg.limit or None]
 
 
-def up_to_limit(items, cfg):
+def limit_split(items, cfg):
+    """The first --limit items of an evaluation split (all with --limit=0); an empty split is an error."""
     if not items:
         raise EvalError("the evaluation split is empty")
     return items[:cfg.limit] if cfg.limit else items
@@ -163,14 +164,14 @@ def up_to_limit(items, cfg):
 # Suites: each takes (Magnet, EvalConfig) and returns a dict of metrics
 
 def suite_ppl(m, cfg):
-    rows = [causal_row(p, 1) for p in up_to_limit(held_out_passages(cfg, m.tok), cfg) if len(p) > 1]
+    rows = [causal_row(p, 1) for p in limit_split(held_out_passages(cfg, m.tok), cfg) if len(p) > 1]
     return {"ppl": perplexity(row_nll(m, rows))}
 
 
 def suite_infill(m, cfg):
     rng = np.random.default_rng(cfg.seed)
     hybrid, causal = [], []
-    for p in up_to_limit(held_out_passages(cfg, m.tok), cfg):
+    for p in limit_split(held_out_passages(cfg, m.tok), cfg):
         if len(p) < cfg.gap + 8:
             continue
         s = int(rng.integers(4, len(p) - cfg.gap - 3))  # some context on both sides of the gap
@@ -197,7 +198,7 @@ def blanks(m, cfg):
             out.append((left_ids, m.tok.encode_after(left, " " + answer), right_ids, left))
         return out
     rng = np.random.default_rng(cfg.seed + 1)  # not the gap perplexity's: its gaps stay where they were
-    for p in up_to_limit(held_out_passages(cfg, m.tok), cfg)[:100]:
+    for p in limit_split(held_out_passages(cfg, m.tok), cfg)[:100]:
         n = int(rng.integers(1, cfg.max_gap + 1))
         if len(p) < n + 8:
             continue
@@ -232,7 +233,7 @@ def blank_metrics(m, cfg):
 
 def suite_repetition(m, cfg):
     scores = dict(rep_2=[], rep_3=[], rep_4=[], rep_sen=[])
-    passages = [p for p in up_to_limit(held_out_passages(cfg, m.tok), cfg) if len(p) > cfg.prefix_len]
+    passages = [p for p in limit_split(held_out_passages(cfg, m.tok), cfg) if len(p) > cfg.prefix_len]
     if not passages:
         raise EvalError(f"no held-out passage is longer than prefix_len={cfg.prefix_len} tokens")
     for p in tqdm(passages, desc="repetition", leave=False):
@@ -246,7 +247,7 @@ def suite_repetition(m, cfg):
 
 def suite_sts(m, cfg):
     pairs = toy.sts_pairs(cfg.limit or 500, toy.EVAL_SEED + cfg.seed, "test") if cfg.sts_data == "toy" \
-        else up_to_limit(read_sts(cfg.sts_data), cfg)
+        else limit_split(read_sts(cfg.sts_data), cfg)
     gold = [p[2] for p in pairs]
     if len(pairs) < 2 or len(set(gold)) < 2:
         raise EvalError(f"{cfg.sts_data}: Spearman needs >= 2 pairs with different gold scores "
@@ -301,7 +302,7 @@ def token_splits(cfg):
         return {s: toy.tagged_sentences(n, seed + i) for i, (s, n) in
                 enumerate((("train", cfg.probe_train or 300), ("dev", cfg.limit or 300), ("test", cfg.limit or 300)))}
     d = Path(cfg.token_data)
-    splits = {s: up_to_limit(read_conll(d / f), cfg) for s, f in (("dev", "valid.txt"), ("test", "test.txt"))}
+    splits = {s: limit_split(read_conll(d / f), cfg) for s, f in (("dev", "valid.txt"), ("test", "test.txt"))}
     return dict(train=read_conll(d / "train.txt")[:cfg.probe_train or None], **splits)
 
 
@@ -337,7 +338,7 @@ def suite_mc(m, cfg):
     """acc: the choice with the highest summed log-likelihood; acc_norm: per character of the choice's text, as
     lm-evaluation-harness normalises."""
     items = toy.multiple_choice(cfg.limit or 200, toy.EVAL_SEED + cfg.seed) if cfg.mc_data == "toy" \
-        else up_to_limit(read_mc(cfg.mc_data), cfg)
+        else limit_split(read_mc(cfg.mc_data), cfg)
     nll = row_nll(m, [row for it in items for row in choice_rows(m.tok, it["context"], it["choices"])])
     right, right_norm, sums = 0, 0, iter(s for s, _ in nll)
     for it in items:

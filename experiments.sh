@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduce the README's "Results". Usage:  bash experiments.sh A | B | C | C_ablations | C_seeds
+# Reproduce RESULTS.md's tables. Usage:  bash experiments.sh A | B | C | C_ablations | C_seeds
 #   A: base = a causal model pretrained here on the toy world; adaptation and evaluation on the toy world.
 #   B: base = the real stories260K; adaptation on TinyStories text (its last 5% of stories held out for evaluation);
 #      STS-B test, CoNLL-2003, held-out TinyStories. Needs ../shared (or MAGNET_SHARED).

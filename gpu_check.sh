@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 12's GPU checks, prepared as one run for the rare session with a GPU (README "GPU"):
+# The GPU checks, prepared as one run for the rare session with a GPU (docs/performance.md, "GPU"):
 #     bash gpu_check.sh [OUT]          # OUT: where the results go (default results/gpu)
 #   1. one MAGNET step at Llama-2-7B shape, random weights: bf16 base, fp32 adapters under autocast, activation
 #      checkpointing (bench.py --bench=magnet): tokens/s, peak memory, MFU against the measured bf16 matmul peak
@@ -11,6 +11,7 @@
 # Every check runs even when one before it fails; the script then exits non-zero and names the failures.
 # Each check's whole output (warnings included) is in OUT/*.log; the training logs, one line per step, in OUT/*.md.
 # A smoke run of this script on a CPU, at tiny shapes: DEVICE=cpu QUICK=1 bash gpu_check.sh /tmp/gpu_check
+# (SKIP_HF=1 leaves out check 2, which needs transformers and peft.)
 # (python -m torch.distributed.run is torchrun; the training runs go under $RUN_DIR, outside OUT.)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -45,8 +46,9 @@ torchrun=("$py" -m torch.distributed.run --standalone --nproc_per_node=1 train.p
 check "1. one MAGNET step at Llama-2-7B shape" bench_7b.log \
     "$py" bench.py --bench=magnet --device="$device" --dtype=bfloat16 --dim=4096 --n_layers=32 --heads=32 --batch=8 \
     --seq=512 --checkpoint_activations=true "${quick[@]}" --out="$out/bench_7b.json" --overwrite=true
-check "2. the view-A LoRA step against HF + PEFT" bench_vs_hf.log \
-    "$py" bench.py --bench=vs_hf --device="$device" "${quick[@]}" --out="$out/bench_vs_hf.json" --overwrite=true
+if [ "${SKIP_HF:-0}" = 1 ]; then echo "[$SECONDS s] 2. skipped (SKIP_HF=1: no transformers + peft here)"
+else check "2. the view-A LoRA step against HF + PEFT" bench_vs_hf.log \
+    "$py" bench.py --bench=vs_hf --device="$device" "${quick[@]}" --out="$out/bench_vs_hf.json" --overwrite=true; fi
 check "3. train.py under torchrun (FSDP2, one process) at Llama-2-7B shape, batch 4 x 513 + SSCL views" train_7b.log \
     "${torchrun[@]}" "${toy[@]}" --max_iters=10 --stop_at=5 --ckpt_interval=5 --out_dir="$run/fsdp"
 check "   its log" train_7b.md summary "$run/fsdp"

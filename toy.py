@@ -133,7 +133,7 @@ def multiple_choice(n, seed):
 
 
 def tagged_sentences(n, seed):
-    """Tagged sentences in eval.read_conll's layout (key "pos" holds the toy tags)."""
+    """Tagged sentences in eval_data.read_conll's layout (key "pos" holds the toy tags)."""
     rng = random.Random(seed)
     sentences = [s for _ in range(n) for s in story(rng)][:n]
     return [dict(zip(("words", "pos"), tag_words(s))) for s in sentences]

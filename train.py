@@ -225,18 +225,18 @@ def train_step(model, opt, corpus, pairs, cfg, step, rank, world, max_total=math
     if world > 1:
         dist.all_reduce(values)
         values /= world
-    out = dict(zip(sums, values.tolist()))
-    out["total"] = sum(weights[k] * v for k, v in out.items())
+    step_losses = dict(zip(sums, values.tolist()))  # the global means, the same on every rank
+    step_losses["total"] = sum(weights[k] * v for k, v in step_losses.items())
     norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
-    out["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-    if not all(math.isfinite(v) for v in out.values()) or out["total"] > max_total:  # same values on every rank
-        raise TrainingError(f"non-finite or spiking loss at step {step} ({out}; limit {max_total:.3g}); stopped "
-                            "before the update")
+    step_losses["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    if not all(math.isfinite(v) for v in step_losses.values()) or step_losses["total"] > max_total:
+        raise TrainingError(f"non-finite or spiking loss at step {step} ({step_losses}; limit {max_total:.3g}); "
+                            "stopped before the update")
     for g in opt.param_groups:
         g["lr"] = lr_at(step, cfg)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return out, int((batch["roles"] != PAD).sum() + (batch["sscl_roles"] != PAD).sum())
+    return step_losses, int((batch["roles"] != PAD).sum() + (batch["sscl_roles"] != PAD).sum())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -321,6 +321,7 @@ def pretrain_base(cfg, rank, world, device):
 
 def run(cfg, rank, world, device):
     """One training run in cfg.out_dir, held for this process alone: data, model, loop, exports."""
+    validate_train_config(cfg, world)
     out = Path(cfg.out_dir)
     with runs.exclusive_run_dir(out, cfg.overwrite, cfg.resume, rank, world):
         if cfg.init_from == "scratch" and cfg.lora and cfg.pretrain_iters > 0:
@@ -333,7 +334,8 @@ def run(cfg, rank, world, device):
         if rank == 0:
             print(f"{f'FSDP2 (world size {world})' if dist.is_initialized() else 'one process'} on {device}, "
                   f"{'bf16 compute' if use_bf16(cfg) else 'fp32'}", file=sys.stderr)
-        if not train(model, corpus, pairs, cfg, out, rank, world, device):
+        finished = train(model, corpus, pairs, cfg, out, rank, world, device)
+        if not finished:
             if rank == 0:
                 print(f"stopped after step {cfg.stop_at} (stop_at); continue with --resume=true")
             return
@@ -348,7 +350,6 @@ def main(argv):
         cfg, _ = parse(argv, Config(), __doc__)
         rank, world, device = setup_distributed(cfg)
         try:
-            validate_train_config(cfg, world)
             run(cfg, rank, world, device)
         finally:
             if dist.is_initialized():

@@ -25,13 +25,13 @@ def _seed():
 
 
 @pytest.fixture(scope="session")
-def toy(tmp_path_factory):
+def toy_files(tmp_path_factory):
     """The built-in toy world, small: (corpus path, pairs path, Tokenizer), written once per test session."""
     import toy
     return toy.write_world(tmp_path_factory.mktemp("toy"), n_stories=600, n_pairs=200, seed=0)
 
 
 @pytest.fixture(scope="session")
-def toy_corpus(toy, tmp_path_factory):
+def toy_corpus(toy_files, tmp_path_factory):
     import data
-    return data.TextCorpus(toy[0], toy[2], cache_dir=tmp_path_factory.mktemp("cache"))
+    return data.TextCorpus(toy_files[0], toy_files[2], cache_dir=tmp_path_factory.mktemp("cache"))

@@ -168,16 +168,16 @@ def same_logits(model, directory):
 
 
 @pytest.mark.parametrize("binary", [False, True], ids=["sharded-safetensors", "pytorch_model.bin"])
-def test_hf_checkpoint_gqa_untied(toy, tmp_path, binary):
-    model = tiny_model(toy[2].vocab_size)
+def test_hf_checkpoint_gqa_untied(toy_files, tmp_path, binary):
+    model = tiny_model(toy_files[2].vocab_size)
     write_hf(model, tmp_path / "hf", binary=binary)
-    (tmp_path / "hf" / "tokenizer.model").write_bytes(toy[2].path.read_bytes())
+    (tmp_path / "hf" / "tokenizer.model").write_bytes(toy_files[2].path.read_bytes())
     convert.convert(tmp_path / "hf", tmp_path / "meta")
     params = json.loads((tmp_path / "meta" / "params.json").read_text())
     assert ModelArgs(**params).hidden_dim == model.args.hidden_dim == 104  # via ffn_dim_multiplier
     converted = same_logits(model, tmp_path / "meta")
     assert not converted.args.tie_embeddings and converted.args.kv_heads == 2
-    assert Magnet.load(tmp_path / "meta", tmp_path / "meta" / "tokenizer.model").tok.vocab_size == toy[2].vocab_size
+    assert Magnet.load(tmp_path / "meta", tmp_path / "meta" / "tokenizer.model").tok.vocab_size == toy_files[2].vocab_size
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -236,17 +236,17 @@ def write_gguf(model, path, arch="llama", bad_type=None, tokenizer=False):
     return held
 
 
-def test_gguf_tensor_types_names_and_layout(toy, tmp_path):
-    model = tiny_model(toy[2].vocab_size, dim=256, n_heads=4, n_kv_heads=2, ffn_dim_multiplier=None, multiple_of=256)
+def test_gguf_tensor_types_names_and_layout(toy_files, tmp_path):
+    model = tiny_model(toy_files[2].vocab_size, dim=256, n_heads=4, n_kv_heads=2, ffn_dim_multiplier=None, multiple_of=256)
     held = write_gguf(model, tmp_path / "tiny.gguf")
-    convert.convert(tmp_path / "tiny.gguf", tmp_path / "meta", tokenizer=toy[2].path)
+    convert.convert(tmp_path / "tiny.gguf", tmp_path / "meta", tokenizer=toy_files[2].path)
     state = torch.load(tmp_path / "meta" / "consolidated.00.pth", weights_only=True)
     assert state.keys() == held.keys()
     for k, v in held.items():
         assert torch.equal(state[k], v), k  # every type dequantized, shape reversed back, no permutation
     model.load_state_dict(held)  # the model as the GGUF holds it
     same_logits(model, tmp_path / "meta")
-    assert (tmp_path / "meta" / "tokenizer.model").read_bytes() == toy[2].path.read_bytes()
+    assert (tmp_path / "meta" / "tokenizer.model").read_bytes() == toy_files[2].path.read_bytes()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -261,15 +261,15 @@ def refused(src, out, match, **kw):
     assert sorted(out.parent.iterdir()) == before  # no OUT_DIR, no temporary directory left behind
 
 
-def test_bad_inputs(toy, tmp_path):
-    model = tiny_model(toy[2].vocab_size, dim=256, n_heads=4, multiple_of=256, ffn_dim_multiplier=None)
+def test_bad_inputs(toy_files, tmp_path):
+    model = tiny_model(toy_files[2].vocab_size, dim=256, n_heads=4, multiple_of=256, ffn_dim_multiplier=None)
     out = tmp_path / "out" / "meta"
     out.parent.mkdir()
     write_gguf(model, tmp_path / "other.gguf", arch="gpt2")
     refused(tmp_path / "other.gguf", out, r"other\.gguf: general\.architecture is 'gpt2'")
     write_gguf(model, tmp_path / "q81.gguf", bad_type=Q.Q8_1)
     refused(tmp_path / "q81.gguf", out, r"q81\.gguf: tensor blk\.0\.attn_v\.weight has quantization type Q8_1",
-            tokenizer=toy[2].path)
+            tokenizer=toy_files[2].path)
     write_gguf(model, tmp_path / "ok.gguf", tokenizer=True)
     data = (tmp_path / "ok.gguf").read_bytes()
     (tmp_path / "cut.gguf").write_bytes(data[:len(data) - 1000])
@@ -278,8 +278,8 @@ def test_bad_inputs(toy, tmp_path):
     (tmp_path / "notgguf.gguf").write_bytes(b"hello")
     refused(tmp_path / "notgguf.gguf", out, r"notgguf\.gguf: not a GGUF file")
 
-    write_hf(tiny_model(toy[2].vocab_size), tmp_path / "hf", shards=2)
-    (tmp_path / "hf" / "tokenizer.model").write_bytes(toy[2].path.read_bytes())
+    write_hf(tiny_model(toy_files[2].vocab_size), tmp_path / "hf", shards=2)
+    (tmp_path / "hf" / "tokenizer.model").write_bytes(toy_files[2].path.read_bytes())
     (tmp_path / "hf" / "config.json").rename(tmp_path / "config.json")
     refused(tmp_path / "hf", out, r"hf/config\.json: not found")
     for bad, message in (("{bad", "not valid JSON"), ("[1]", "expected a JSON object of model settings"),
@@ -301,7 +301,7 @@ def test_bad_inputs(toy, tmp_path):
     first = (out / "consolidated.00.pth").read_bytes()
     refused(tmp_path / "hf", out, r"meta: already holds a checkpoint; pass --overwrite")
     assert (out / "consolidated.00.pth").read_bytes() == first
-    convert.convert(tmp_path / "ok.gguf", out, overwrite=True, tokenizer=toy[2].path)
+    convert.convert(tmp_path / "ok.gguf", out, overwrite=True, tokenizer=toy_files[2].path)
     assert sorted(p.name for p in out.parent.iterdir()) == ["meta"]  # replaced, nothing left beside it
     assert json.loads((out / "params.json").read_text())["dim"] == 256
 

@@ -78,9 +78,9 @@ def test_view_a_invariants_over_many_seeds(toy_corpus):
     assert abs(n_causal / 400 - 0.15) < 0.05
 
 
-def test_batch_shapes_padding_and_determinism(toy, toy_corpus):
+def test_batch_shapes_padding_and_determinism(toy_files, toy_corpus):
     cfg = BatchConfig(batch_size=6, seq_len=64, sscl_len=20)
-    pairs = read_pairs(toy[1])
+    pairs = read_pairs(toy_files[1])
     b1 = magnet_batch(toy_corpus, cfg, np.random.default_rng(5), pairs)
     b2 = magnet_batch(toy_corpus, cfg, np.random.default_rng(5), pairs)
     assert all((b1[k] == b2[k]).all() for k in b1)
@@ -88,8 +88,8 @@ def test_batch_shapes_padding_and_determinism(toy, toy_corpus):
     pad = b1["roles"] == PAD
     assert (b1["mntp_labels"][pad] == IGNORE).all() and (b1["msg_labels"][pad] == IGNORE).all()
     st, sr, last = b1["sscl_tokens"], b1["sscl_roles"], b1["sscl_last"]
-    assert st.shape[0] == 12 and (st[:, 0] == toy[2].bos_id).all()
-    assert (st[range(12), last] == toy[2].eos_id).all() and (sr[range(12), last] == CONTEXT).all()
+    assert st.shape[0] == 12 and (st[:, 0] == toy_files[2].bos_id).all()
+    assert (st[range(12), last] == toy_files[2].eos_id).all() and (sr[range(12), last] == CONTEXT).all()
     assert ((sr == CONTEXT) | (sr == PAD)).all()
     # without pairs, views B and C are the same text (SimCSE)
     b3 = magnet_batch(toy_corpus, cfg, np.random.default_rng(5))
@@ -121,8 +121,8 @@ def test_toy_tags_are_contextual_where_the_lexicon_is_ambiguous():
         assert len(s["words"]) == len(s["pos"]) and "/" not in "".join(s["words"])
 
 
-def test_corpus_cache_and_split(toy, tmp_path):
-    corpus_path, _, tok = toy
+def test_corpus_cache_and_split(toy_files, tmp_path):
+    corpus_path, _, tok = toy_files
     train = data.TextCorpus(corpus_path, tok, cache_dir=tmp_path)
     cached = list(tmp_path.glob("*.tokens.npy"))
     assert len(cached) == 1
@@ -137,7 +137,7 @@ def test_corpus_cache_and_split(toy, tmp_path):
     assert len(list(tmp_path.glob("*.tokens.npy"))) == 2  # other source -> other cache
 
 
-def test_clear_errors(tmp_path, toy):
+def test_clear_errors(tmp_path, toy_files):
     bad = tmp_path / "pairs.tsv"
     bad.write_text("a\tb\nonly one field\n")
     with pytest.raises(ValueError, match=r"pairs\.tsv, line 2: expected 'text<TAB>positive'"):
@@ -145,9 +145,9 @@ def test_clear_errors(tmp_path, toy):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
     with pytest.raises(ValueError, match="has no text"):
-        data.TextCorpus(empty, toy[2], cache_dir=tmp_path)
+        data.TextCorpus(empty, toy_files[2], cache_dir=tmp_path)
     with pytest.raises(FileNotFoundError, match="corpus file not found"):
-        data.TextCorpus(tmp_path / "missing.txt", toy[2], cache_dir=tmp_path)
+        data.TextCorpus(tmp_path / "missing.txt", toy_files[2], cache_dir=tmp_path)
     with pytest.raises(FileNotFoundError, match="tokenizer not found"):
         data.Tokenizer(tmp_path / "missing.model")
     sts = tmp_path / "sts.csv"
@@ -168,10 +168,10 @@ def test_real_readers_and_llama2_mask_token():
     assert data.Tokenizer(shared_file("assets/stories260K/tok512.model")).mask_id == 0  # no "_": unk
 
 
-def test_spans_never_cover_a_bos_anywhere_in_the_chunk(toy):
+def test_spans_never_cover_a_bos_anywhere_in_the_chunk(toy_files):
     """WikiText-like chunks: several paragraphs (so several BOS) inside one row. In every row that has context, no
     SPAN role sits on a BOS and no MSG target is BOS; the BOS that cut a span stays CONTEXT between its parts."""
-    tok, rng = toy[2], np.random.default_rng(0)
+    tok, rng = toy_files[2], np.random.default_rng(0)
     cfg = BatchConfig(seq_len=128, span_min=8, span_max=32, max_spans=3, p_causal=0.1)
     hybrid_rows = spans_cut = 0
     for _ in range(3000):

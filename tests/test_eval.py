@@ -8,7 +8,7 @@ import torch
 
 import data
 import eval as ev
-import toy as toy_world  # (`toy` is the fixture of the toy world's files)
+import toy
 from checkpoint import save_checkpoint
 from model import ModelArgs, Transformer
 
@@ -44,34 +44,34 @@ def test_entity_f1_on_iob2_by_hand():
     assert ev.entity_f1(gold, gold) == 1.0
 
 
-def test_blanks_are_the_whole_texts_ids_split_in_three(toy, tmp_path):
+def test_blanks_are_the_whole_texts_ids_split_in_three(toy_files, tmp_path):
     """Toy blanks: left + gap + right is the whole story's ids, and the gaps are 1-4 tokens, each length present.
     Text-file blanks: 1..max_gap tokens cut from a held-out passage, BOS kept at the left."""
     from types import SimpleNamespace
-    m = SimpleNamespace(tok=toy[2])
+    m = SimpleNamespace(tok=toy_files[2])
     cfg = ev.EvalConfig(limit=40)
     toy_blanks = ev.blanks(m, cfg)
-    expected = toy_world.blanks(40, toy_world.EVAL_SEED)
+    expected = toy.blanks(40, toy.EVAL_SEED)
     for (left_ids, gap, right_ids, left), (_, answer, right) in zip(toy_blanks, expected):
-        assert left_ids + gap + right_ids == toy[2].encode(left + " " + answer + right, bos=True)
+        assert left_ids + gap + right_ids == toy_files[2].encode(left + " " + answer + right, bos=True)
     assert {len(gap) for _, gap, _, _ in toy_blanks} == {1, 2, 3, 4}
     text = tmp_path / "text.txt"
-    text.write_text("\n\n".join(toy_world.stories(60, 5)))
+    text.write_text("\n\n".join(toy.stories(60, 5)))
     cfg = ev.EvalConfig(text_data=str(text), limit=0, max_gap=6, cache_dir=str(tmp_path))
-    passages = ev.held_out_passages(cfg, toy[2])
+    passages = ev.held_out_passages(cfg, toy_files[2])
     text_blanks = ev.blanks(m, cfg)
     assert len(text_blanks) == len(passages) and {len(g) for _, g, _, _ in text_blanks} <= set(range(1, 7))
     for (left_ids, gap, right_ids, left), p in zip(text_blanks, passages):
         whole = left_ids[1:] + gap + right_ids
-        assert left_ids[0] == p[0] == toy[2].bos_id and left is None
+        assert left_ids[0] == p[0] == toy_files[2].bos_id and left is None
         assert any(p[i:i + len(whole)] == whole for i in range(len(p)))
 
 
-def test_blank_metrics_count_exact_match_and_length(toy, monkeypatch, tmp_path):
+def test_blank_metrics_count_exact_match_and_length(toy_files, monkeypatch, tmp_path):
     """A model that fills every told gap right, and when not told returns the gap plus one token: oracle EM 1,
     unknown-length EM 0, length exact 0, length within one 1."""
     from magnet import Magnet
-    m = Magnet(Transformer(ModelArgs(dim=16, n_layers=1, n_heads=2, vocab_size=toy[2].vocab_size)).eval(), toy[2])
+    m = Magnet(Transformer(ModelArgs(dim=16, n_layers=1, n_heads=2, vocab_size=toy_files[2].vocab_size)).eval(), toy_files[2])
     truth = {(tuple(left), tuple(right)): gap for left, gap, right, _ in ev.blanks(m, ev.EvalConfig(limit=10))}
     monkeypatch.setattr(m, "infill_ids", lambda left_ids, right_ids, n_tokens=None, max_tokens=8:
                         truth[tuple(left_ids), tuple(right_ids)] + ([] if n_tokens else [5]))
@@ -84,17 +84,17 @@ def test_blank_metrics_count_exact_match_and_length(toy, monkeypatch, tmp_path):
         ev.blank_metrics(m, ev.EvalConfig(text_data=str(short), cache_dir=str(tmp_path)))
 
 
-def test_row_nll_equals_a_float64_sum_one_row_at_a_time(toy):
+def test_row_nll_equals_a_float64_sum_one_row_at_a_time(toy_files):
     """row_nll batches rows of unequal length (padded); the reference runs each row alone, unpadded, takes a float64
     log-softmax of its logits and sums -log p of the labelled tokens by hand. Mixed roles (a gap row), sparse
     targets, a row with a single target."""
     from magnet import Magnet
-    m = Magnet(Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=toy[2].vocab_size,
-                                     multiple_of=16)).eval(), toy[2])
+    m = Magnet(Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=toy_files[2].vocab_size,
+                                     multiple_of=16)).eval(), toy_files[2])
     g = torch.Generator().manual_seed(1)
     rows = []
     for n in (9, 23, 5, 17, 2):
-        tokens = torch.randint(4, toy[2].vocab_size, (n,), generator=g).tolist()
+        tokens = torch.randint(4, toy_files[2].vocab_size, (n,), generator=g).tolist()
         roles = torch.randint(data.CONTEXT, data.SPAN + 1, (n,), generator=g).tolist()
         keep = torch.rand(n, generator=g) < 0.5
         labels = [t if k else data.IGNORE for t, k in zip(tokens[1:] + [data.IGNORE], keep)]
@@ -109,12 +109,12 @@ def test_row_nll_equals_a_float64_sum_one_row_at_a_time(toy):
 
 
 @pytest.fixture(scope="module")
-def tiny_ckpt(toy, tmp_path_factory):
+def tiny_ckpt(toy_files, tmp_path_factory):
     d = tmp_path_factory.mktemp("evalckpt") / "tiny"
     torch.manual_seed(0)
-    save_checkpoint(Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=toy[2].vocab_size,
+    save_checkpoint(Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=toy_files[2].vocab_size,
                                           multiple_of=16, max_seq_len=256)), d)
-    shutil.copyfile(toy[2].path, d / "tokenizer.model")
+    shutil.copyfile(toy_files[2].path, d / "tokenizer.model")
     return d
 
 
@@ -150,10 +150,10 @@ def test_the_probe_trains_on_train_and_stops_on_dev_only(tiny_ckpt, monkeypatch)
     ev.suite_token(m, cfg)
 
     def features(n, seed):
-        return torch.cat(ev.word_features(m, [s["words"] for s in toy_world.tagged_sentences(n, seed)]))
+        return torch.cat(ev.word_features(m, [s["words"] for s in toy.tagged_sentences(n, seed)]))
 
     (x, x_dev), = seen  # one task (toy POS tags)
-    held_out = toy_world.EVAL_SEED + cfg.seed
+    held_out = toy.EVAL_SEED + cfg.seed
     assert torch.equal(x, features(20, held_out + 10)) and torch.equal(x_dev, features(10, held_out + 11))
 
 
@@ -199,7 +199,7 @@ def test_real_stories260k_on_stsb_and_conll(tmp_path, capsys):
     res = r["results"]["stories"]
     assert -100 <= res["sts"]["spearman"] <= 100
     # a 260K-parameter model of children's stories, 512 pieces: CoNLL's newswire is far from it, so only check
-    # that the probe beats uniform guessing over ~40 POS tags by a wide margin (the README reports the numbers)
+    # that the probe beats uniform guessing over ~40 POS tags by a wide margin (RESULTS.md reports the numbers)
     assert res["token"]["pos_acc"] > 0.1 and 0 <= res["token"]["ner_f1"] <= 1
     assert r["data"]["sts"]["bytes"] == sts.stat().st_size and len(r["data"]["sts"]["sha256"]) == 16
 
@@ -219,7 +219,7 @@ def test_clear_errors_and_keep_going(tiny_ckpt, tmp_path, capsys):
     code, out = run([f"--ckpt={tmp_path / 'nowhere'}", "--suite=ppl", f"--tokenizer={tiny_ckpt / 'tokenizer.model'}"],
                     capsys)
     assert code == 1 and "no such checkpoint" in out.err
-    other = toy_world.train_tokenizer(toy_world.stories(300, 0), tmp_path / "t512.model", 512).path
+    other = toy.train_tokenizer(toy.stories(300, 0), tmp_path / "t512.model", 512).path
     code, out = run([f"--ckpt={tiny_ckpt}", "--suite=ppl", f"--tokenizer={other}"], capsys)
     assert code == 1 and "256 tokens but the tokenizer's has 512" in out.err
     empty = tmp_path / "empty.csv"

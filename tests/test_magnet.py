@@ -15,12 +15,12 @@ from conftest import shared_file
 
 
 @pytest.fixture
-def tiny(toy):
+def tiny(toy_files):
     torch.manual_seed(0)
-    model = Transformer(ModelArgs(dim=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=toy[2].vocab_size,
+    model = Transformer(ModelArgs(dim=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=toy_files[2].vocab_size,
                                   multiple_of=16, max_seq_len=96))
     torch.nn.init.normal_(model.output.weight, std=0.5)  # peaked distributions, so greedy choices are not ties
-    return Magnet(model.eval(), toy[2])
+    return Magnet(model.eval(), toy_files[2])
 
 
 @pytest.fixture(scope="module")
@@ -113,11 +113,11 @@ def test_infill_with_llama2_tokenizer_feeds_the_whole_texts_ids(monkeypatch):
             assert tokens[roles == CONTEXT].tolist() == want and 29871 not in tokens[0].tolist()
 
 
-def test_sscl_noise_makes_the_two_views_differ_and_leaves_view_a_alone(toy, toy_corpus):
+def test_sscl_noise_makes_the_two_views_differ_and_leaves_view_a_alone(toy_files, toy_corpus):
     """No pairs: views B and C are the same tokens. At step 0 (LoRA B = 0, so LoRA dropout does nothing) only
     sscl_dropout makes them differ; view A's losses do not depend on it."""
     torch.manual_seed(0)
-    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=toy[2].vocab_size, max_seq_len=160))
+    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=toy_files[2].vocab_size, max_seq_len=160))
     apply_lora(model, rank=4, alpha=8, dropout=0.05)
     batch = magnet_batch(toy_corpus, BatchConfig(batch_size=16, seq_len=64), np.random.default_rng(0))
     b, c = batch["sscl_tokens"].chunk(2)
@@ -145,8 +145,8 @@ def test_sscl_noise_makes_the_two_views_differ_and_leaves_view_a_alone(toy, toy_
             assert cosine < 0.99
             assert torch.equal(logits_a.detach(), no_noise_a)  # view A is untouched by the SSCL noise
     del model.forward
-    # evaluation (eval mode) never sees the noise
-    m = Magnet(model.eval(), toy[2])
+    # inference (eval mode) draws no noise: neither attention dropout nor LoRA dropout
+    m = Magnet(model.eval(), toy_files[2])
     assert torch.equal(m.encode(["Mia found a kite."]), m.encode(["Mia found a kite."]))
 
 
@@ -200,7 +200,7 @@ def test_batched_and_causal_encoders_read_each_text_alone(tiny):
         Magnet(tiny.model, tiny.tok, attention="sideways")
 
 
-def test_bad_input_gets_clear_errors(tiny, tmp_path, toy):
+def test_bad_input_gets_clear_errors(tiny, tmp_path, toy_files):
     with pytest.raises(ValueError, match="n_tokens must be an int > 0, got 0"):
         tiny.infill("a", "b", 0)
     with pytest.raises(TypeError, match="n_tokens must be an int > 0, got 2.5"):
@@ -254,7 +254,7 @@ def test_bad_input_gets_clear_errors(tiny, tmp_path, toy):
             tiny.infill("Mia found a", " under the tree.", 1, **bad)
     save_checkpoint(Transformer(ModelArgs(dim=16, n_layers=1, n_heads=2, vocab_size=100)), tmp_path / "c")
     with pytest.raises(CheckpointError, match="100 tokens but the tokenizer's has 256"):
-        Magnet.load(tmp_path / "c", toy[2].path)
+        Magnet.load(tmp_path / "c", toy_files[2].path)
 
 
 def test_real_stories260k_generates_and_infills(stories):

@@ -88,8 +88,8 @@ def loss_weights(w_mntp=1.0, w_msg=1.0, w_sscl=1.0):
     return dict(mntp=w_mntp, msg=w_msg, sscl=w_sscl)
 
 
-def test_gradients_reach_only_lora(toy, toy_corpus):
-    model = tiny_lora_model(toy[2])
+def test_gradients_reach_only_lora(toy_files, toy_corpus):
+    model = tiny_lora_model(toy_files[2])
     batch = magnet_batch(toy_corpus, BatchConfig(batch_size=4, seq_len=48), np.random.default_rng(0))
     magnet_losses(model, batch, loss_weights())["total"].backward()
     for name, p in model.named_parameters():
@@ -101,10 +101,10 @@ def test_gradients_reach_only_lora(toy, toy_corpus):
             assert p.grad is None and not p.requires_grad, name
 
 
-def test_view_a_losses_equal_full_logits_in_float64(toy, toy_corpus):
+def test_view_a_losses_equal_full_logits_in_float64(toy_files, toy_corpus):
     """magnet_losses projects onto the vocabulary only where a target is; the reference here builds every (B, T, V)
     logit, takes float64 log-softmax and averages by hand, as before that change. Values and LoRA gradients agree."""
-    model = tiny_lora_model(toy[2])
+    model = tiny_lora_model(toy_files[2])
     model.eval()  # no LoRA dropout: both computations see the same function
     for layer in model.modules():
         if hasattr(layer, "lora_B"):
@@ -130,10 +130,10 @@ def test_view_a_losses_equal_full_logits_in_float64(toy, toy_corpus):
 
 @pytest.mark.parametrize("weights", [dict(w_msg=0, w_sscl=0), dict(w_mntp=0, w_sscl=0),
                                      dict(w_mntp=0, w_msg=0), dict()], ids=["mntp", "msg", "sscl", "all"])
-def test_overfits_one_fixed_batch(toy, toy_corpus, weights):
-    model = tiny_lora_model(toy[2])
+def test_overfits_one_fixed_batch(toy_files, toy_corpus, weights):
+    model = tiny_lora_model(toy_files[2])
     batch = magnet_batch(toy_corpus, BatchConfig(batch_size=4, seq_len=40, sscl_len=16),
-                         np.random.default_rng(0), read_pairs(toy[1]))
+                         np.random.default_rng(0), read_pairs(toy_files[1]))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     first = None
     for _ in range(150):
