@@ -199,7 +199,8 @@ def bench_unknown_length(config):
     real = Magnet.load(c["base"], c["tokenizer"], adapter=c["adapter"])
     items = blanks(real, EvalConfig(text_data=c["text"], limit=60))[:10]
     told = sum(median_time(lambda: real.infill_ids(left, right, len(gap)), config) for left, gap, right, _ in items)
-    not_told = sum(median_time(lambda: real.infill_ids(left, right, max_tokens=8), config) for left, _, right, _ in items)
+    not_told = sum(median_time(lambda: real.infill_ids(left, right, max_tokens=8), config)
+                   for left, _, right, _ in items)
     return out + [dict(name=f"{Path(c['base']).name} + adapter", max_tokens=8, told_s=told / len(items),
                        not_told_s=not_told / len(items), ratio=not_told / told)]
 

@@ -3,7 +3,8 @@
 A run directory belongs to one training at a time (its directory is locked), is never written into or replaced
 unless asked (--overwrite moves what the old run wrote aside until the new run has finished), and holds checkpoints
 that a crash at any moment leaves loadable: distributed checkpoints (DCP) of the trainable state and the optimizer,
-swapped in by renames. Result files are written to a temporary name and renamed, and carry their provenance (commit, machine).
+swapped in by renames. Result files are written to a temporary name and renamed, and carry their provenance
+(commit, machine).
 """
 import contextlib
 import fcntl

@@ -66,5 +66,5 @@ def test_out_is_checked_before_the_runs_and_never_replaced_unasked(tmp_path):
                          (tmp_path / "nowhere" / "x.json", "nowhere does not exist")):
         run = subprocess.run([sys.executable, str(bench_py), "--bench=load", "--quick=true", f"--out={out}"],
                              capture_output=True, text=True, timeout=60)
-        assert run.returncode == 1 and message in run.stderr and "Traceback" not in run.stderr, run.stderr  # as train.py's
+        assert run.returncode == 1 and message in run.stderr and "Traceback" not in run.stderr, run.stderr
     assert mine.read_text() == "my results"

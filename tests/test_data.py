@@ -31,8 +31,8 @@ def test_span_sampling_invariants_over_many_seeds():
 
 
 def test_span_counts_and_lengths_are_uniform_on_long_rows():
-    """The defaults (docs/design.md §4) at seq_len 512: 1..3 spans, each 8..32 tokens, both uniform (no clipping at this
-    size)."""
+    """The defaults (docs/design.md §4) at seq_len 512: 1..3 spans, each 8..32 tokens, both uniform (no clipping at
+    this size)."""
     rng = np.random.default_rng(0)
     draws = [sample_spans(513, rng, 3, 8, 32) for _ in range(3000)]
     counts = np.bincount([len(spans) for spans in draws], minlength=4)[1:]

@@ -71,7 +71,8 @@ def test_blank_metrics_count_exact_match_and_length(toy_files, monkeypatch, tmp_
     """A model that fills every told gap right, and when not told returns the gap plus one token: oracle EM 1,
     unknown-length EM 0, length exact 0, length within one 1."""
     from magnet import Magnet
-    m = Magnet(Transformer(ModelArgs(dim=16, n_layers=1, n_heads=2, vocab_size=toy_files[2].vocab_size)).eval(), toy_files[2])
+    tok = toy_files[2]
+    m = Magnet(Transformer(ModelArgs(dim=16, n_layers=1, n_heads=2, vocab_size=tok.vocab_size)).eval(), tok)
     truth = {(tuple(left), tuple(right)): gap for left, gap, right, _ in ev.blanks(m, ev.EvalConfig(limit=10))}
     monkeypatch.setattr(m, "infill_ids", lambda left_ids, right_ids, n_tokens=None, max_tokens=8:
                         truth[tuple(left_ids), tuple(right_ids)] + ([] if n_tokens else [5]))
