@@ -20,6 +20,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from noise import dropout
+
 PAD, CONTEXT, SPAN = 0, 1, 2
 BACKENDS = ("sdpa", "math")
 
@@ -63,16 +65,17 @@ def plan_attention(q_roles, q_pos, k_roles, k_pos, cached):
     return (None if bool(mask.all()) else mask), False
 
 
-def attend(q, k, v, mask, is_causal, backend="sdpa", dropout=0.0):
+def attend(q, k, v, mask, is_causal, backend="sdpa", dropout_p=0.0, noise_rows=None):
     """Multi-head attention. q: (B, H, T, hd); k, v: (B, Hkv, S, hd) with H a multiple of Hkv (GQA).
 
-    mask: None or bool (B, 1, T, S); is_causal: plain causal attention (only when T == S). dropout: probability of
-    zeroing an attention weight (SSCL's SimCSE noise; 0 everywhere else). Returns (B, H, T, hd).
+    mask: None or bool (B, 1, T, S); is_causal: plain causal attention (only when T == S). dropout_p: probability of
+    zeroing an attention weight (SSCL's SimCSE noise; 0 everywhere else), drawn by noise.dropout for the whole batch
+    (noise_rows), so it takes the math path: the fused kernel would draw its own. Returns (B, H, T, hd).
     """
-    if backend == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout,
+    if backend == "sdpa" and not dropout_p:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                               enable_gqa=k.shape[1] != q.shape[1])
-    if backend != "math":
+    if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}: expected one of {BACKENDS}")
     T, S = q.shape[2], k.shape[2]
     if is_causal:
@@ -83,7 +86,5 @@ def attend(q, k, v, mask, is_causal, backend="sdpa", dropout=0.0):
     scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.shape[-1])  # (B, H, T, S)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    probs = F.softmax(scores, dim=-1)
-    if dropout:
-        probs = F.dropout(probs, dropout)
+    probs = dropout(F.softmax(scores, dim=-1), dropout_p, noise_rows)
     return probs.to(q.dtype) @ v  # (B, H, T, hd)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from attention import BACKENDS, PAD, SPAN, attend, plan_attention
+from noise import dropout
 
 
 @dataclass
@@ -95,7 +96,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x, rope, mask, is_causal, backend, attn_dropout=0.0, cache=None, layer_id=0):
+    def forward(self, x, rope, mask, is_causal, backend, attn_dropout=0.0, noise_rows=None, cache=None, layer_id=0):
         B, T, _ = x.shape
         q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), rope)  # (B, T, H, hd)
         k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), rope)  # (B, T, Hkv, hd)
@@ -103,7 +104,7 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or Hkv, T, hd)
         if cache is not None:
             k, v = cache.store(layer_id, k, v)  # (B, Hkv, S, hd): every cached position plus these T
-        y = attend(q, k, v, mask, is_causal, backend, attn_dropout)  # (B, H, T, hd)
+        y = attend(q, k, v, mask, is_causal, backend, attn_dropout, noise_rows)  # (B, H, T, hd)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, dim)
 
 
@@ -128,12 +129,16 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(args.dim, args.hidden_dim)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
-        self.drop = nn.Dropout(args.dropout)
+        self.dropout = args.dropout  # on both residual branches, in training
 
-    def forward(self, x, rope, mask, is_causal, backend, attn_dropout=0.0, cache=None):
-        h = x + self.drop(self.attention(self.attention_norm(x), rope, mask, is_causal, backend, attn_dropout, cache,
-                                         self.layer_id))
-        return h + self.drop(self.feed_forward(self.ffn_norm(h)))
+    def forward(self, x, rope, mask, is_causal, backend, attn_dropout=0.0, noise_rows=None, cache=None):
+        p = self.dropout if self.training else 0.0
+        for m in self.modules() if self.training else ():  # LoRA's dropout too; set here, so that activation
+            if isinstance(m, LoRALinear):                  # checkpointing's recomputation of the block sets it again
+                m.noise_rows = noise_rows
+        h = x + dropout(self.attention(self.attention_norm(x), rope, mask, is_causal, backend, attn_dropout,
+                                       noise_rows, cache, self.layer_id), p, noise_rows)
+        return h + dropout(self.feed_forward(self.ffn_norm(h)), p, noise_rows)
 
 
 class KVCache:
@@ -191,10 +196,12 @@ class Transformer(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, tokens, roles=None, start_pos=0, cache=None, positions=None, compute_logits=True,
-                targets=None, attn_dropout=0.0):
+                targets=None, attn_dropout=0.0, noise_rows=None):
         """tokens: (B, T) ids. roles: (B, T) PAD/CONTEXT/SPAN, None = all SPAN (an ordinary causal LM).
         positions: (B, T) or (T,) RoPE positions, default start_pos + 0..T-1. cache: a KVCache to read and extend.
-        attn_dropout: dropout on the attention weights, in training mode only (SSCL's SimCSE noise).
+        attn_dropout: dropout on the attention weights, in training mode only (SSCL's SimCSE noise). noise_rows:
+        (index, n) when tokens are rows `index` of a batch of n (data parallelism): every dropout is drawn for the
+        whole batch (noise.py), so a run does not depend on the number of processes.
         Returns float32 logits (B, T, V); the final normed hidden states (B, T, dim) instead if compute_logits=False
         (encoders skip the vocabulary). With targets, (B, T) labels (targets[t] = the token output t must predict,
         negative = none, as data.IGNORE): the cross-entropy of each target instead, (N,) fp32 in row-major order
@@ -211,7 +218,7 @@ class Transformer(nn.Module):
         k_roles, k_pos = cache.extend(roles, positions) if cache is not None else (roles, positions)
         mask, is_causal = plan_attention(roles, positions, k_roles, k_pos, cached=cache is not None)
         rope = rope_angles(positions, self.args.head_dim, self.args.rope_theta)
-        attn = (mask, is_causal, self.args.attn_backend, attn_dropout if self.training else 0.0)
+        attn = (mask, is_causal, self.args.attn_backend, attn_dropout if self.training else 0.0, noise_rows)
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:
             if self.checkpoint_activations and self.training and cache is None:  # non-reentrant, RNG replayed
@@ -248,32 +255,12 @@ def next_token_nll(output, h, labels):
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 
 
-def lora_dropout(x, p):
-    """Inverted dropout, x * keep / (1 - p) with keep ~ Bernoulli(1 - p) independently per element (nn.Dropout's
-    distribution), drawn sparsely: only the ~p * x.numel() dropped positions are sampled, as running sums of
-    Geometric(p) gaps (in a row of Bernoulli(p) trials, the gap from one drop to the next is Geometric(p)). On a CPU
-    torch's bernoulli_ draws every element one at a time; this draws only ~p of them (docs/performance.md)."""
-    n = x.numel()
-    if n == 0:
-        return x
-    mask = torch.full_like(x, 1 / (1 - p), memory_format=torch.contiguous_format)  # kept elements: scaled by 1/(1-p)
-    drawn, last = [], -1  # last: the flat index of the last dropped position drawn so far
-    while last < n - 1:  # about the expected number of gaps to the end, then more until one passes it
-        k = int(p * (n - 1 - last)) + 16
-        pos = last + torch.empty(k, dtype=torch.long, device=x.device).geometric_(p).cumsum(0)  # (k,) increasing
-        drawn.append(pos)
-        last = int(pos[-1])  # on a GPU a wait for the device, once per round (1-3 rounds per mask)
-    pos = torch.cat(drawn)
-    mask.view(-1)[pos[pos < n]] = 0
-    return x * mask
-
-
 class LoRALinear(nn.Module):
     """A frozen linear map plus a trainable low-rank update: y = W x + (alpha / r) * B A dropout(x).
 
     The frozen matrix keeps the name `weight`, so base checkpoints still load by Meta's names; the adapter adds
     `lora_A` (r, in), Kaiming-uniform, and `lora_B` (out, r), zero, so at step 0 the model equals its base.
-    Dropout (lora_dropout, training only) is drawn independently for each adapted projection, as PEFT does.
+    Dropout (noise.dropout, training only) is drawn independently for each adapted projection, as PEFT does.
     """
 
     def __init__(self, weight: nn.Parameter, rank, alpha, dropout, dtype=None):
@@ -288,6 +275,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank, device=weight.device, dtype=dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.dropout = dropout  # probability of zeroing an input element of the update, in training
+        self.noise_rows = None  # set by TransformerBlock.forward: the rows this process holds (noise.py)
         self.merged = False
 
     def delta(self):
@@ -298,7 +286,7 @@ class LoRALinear(nn.Module):
         y = F.linear(x, self.weight)
         if self.merged:
             return y
-        x = lora_dropout(x, self.dropout) if self.training and self.dropout else x
+        x = dropout(x, self.dropout, self.noise_rows) if self.training else x
         # alpha/r scales the r activations, not the outputs as PEFT does: exact when alpha/r is a power of two
         h = F.linear(x, self.lora_A) * self.scaling  # (..., r)
         return y + F.linear(h, self.lora_B)

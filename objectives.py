@@ -92,24 +92,27 @@ def _info_nce(a, b, temperature):
 
 
 def magnet_losses(model, batch, weights, temperature=0.05, pooling="last", text_start=0, sscl_dropout=0.0,
-                  target_counts=None, micro_batches=1):
+                  target_counts=None, micro_batches=1, rows=None):
     """The MAGNET losses of one batch from data.magnet_batch: a dict with "mntp", "msg", "sscl" (those whose weight
     is not 0) and their weighted sum "total", L = w_mntp L_MNTP + w_msg L_MSG + w_sscl L_SSCL. View A (hybrid roles)
     gives MNTP and MSG in one forward pass; views B and C (all CONTEXT) give SSCL, with attention dropout
     `sscl_dropout` as SimCSE's noise. A batch that is a part of a step (data parallelism, gradient accumulation)
     returns its share of the step's loss: token losses divided by `target_counts` (the step's counts per rank,
-    {"mntp": n, "msg": n}), SSCL, a mean per micro-batch, by `micro_batches`."""
+    {"mntp": n, "msg": n}), SSCL, a mean per micro-batch, by `micro_batches`; and rows=(index, n) says which rows of
+    the micro-batch's n it holds, so that dropout is drawn for all n (noise.py)."""
     b = {k: v.to(model.tok_embeddings.weight.device) for k, v in batch.items()}
     counts, out = target_counts or {}, {}
     if weights["mntp"] or weights["msg"]:
         mntp, msg = b["mntp_labels"], b["msg_labels"]  # (B, T) each, IGNORE where no target
         at = (mntp != IGNORE) | (msg != IGNORE)  # (B, T): the positions that carry a target (~1/4 of view A)
-        nll = model(b["tokens"], b["roles"], targets=torch.where(mntp != IGNORE, mntp, msg))  # (N,): at `at`
+        nll = model(b["tokens"], b["roles"], targets=torch.where(mntp != IGNORE, mntp, msg),
+                    noise_rows=rows)  # (N,): at `at`
         out["mntp"] = mntp_loss(nll, mntp[at], counts.get("mntp"))
         out["msg"] = msg_loss(nll, msg[at], counts.get("msg"))
     if weights["sscl"]:
-        hidden = model(b["sscl_tokens"], b["sscl_roles"], compute_logits=False,
-                       attn_dropout=sscl_dropout)  # (2B, T', dim); views B and C differ by the noise
+        sscl_rows = None if rows is None else (torch.cat([rows[0], rows[1] + rows[0]]), 2 * rows[1])  # B, C
+        hidden = model(b["sscl_tokens"], b["sscl_roles"], compute_logits=False, attn_dropout=sscl_dropout,
+                       noise_rows=sscl_rows)  # (2B, T', dim); views B and C differ by the noise
         z_b, z_c = pool(hidden, b["sscl_roles"], b["sscl_last"], pooling, text_start).chunk(2)  # (B, dim) each
         out["sscl"] = sscl_loss(z_b, z_c, temperature) / micro_batches
     out["total"] = sum(weights[k] * v for k, v in out.items())

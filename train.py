@@ -204,20 +204,20 @@ def train_step(model, opt, corpus, pairs, cfg, step, rank, world, max_total=math
     """One optimizer step. The step's batch (batch_size * grad_accum rows) is a function of (seed, step) alone;
     gradient accumulation splits it into micro-batches and data parallelism splits each micro-batch over ranks.
     Returns the step's losses (global means) and the number of tokens it processed."""
-    torch.manual_seed(cfg.seed * 1_000_003 + step * 1009 + rank)  # dropout noise: a function of (seed, step, rank)
+    torch.manual_seed(cfg.seed * 1_000_003 + step * 1009)  # dropout: a function of (seed, step), on every rank
     batch = magnet_batch(corpus, replace(cfg, batch_size=cfg.batch_size * cfg.grad_accum),
                          np.random.default_rng([cfg.seed, step]), pairs)
     weights = dict(mntp=cfg.w_mntp, msg=cfg.w_msg, sscl=cfg.w_sscl)
     # token losses: this rank's sum of cross-entropies / (global count / world), so that FSDP's average of the ranks'
     # gradients is the gradient of the global token mean
     counts = {k: torch.tensor(max(1, int((batch[f"{k}_labels"] != IGNORE).sum())) / world) for k in ("mntp", "msg")}
-    sums = {}
+    sums, own = {}, torch.arange(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
     for i in range(cfg.grad_accum):  # SSCL's in-batch negatives: the micro-batch's rows on all ranks
-        local = batch_rows(batch_rows(batch, i, cfg.grad_accum), rank, world)
+        local = batch_rows(batch_rows(batch, i, cfg.grad_accum), rank, world)  # rows `own` of the micro-batch
         losses = magnet_losses(model, local, weights, cfg.temperature, cfg.pooling,
                                text_start(corpus.tokenizer, cfg.instruction),
                                sscl_dropout=0.0 if pairs else cfg.sscl_dropout,  # pairs differ without noise
-                               target_counts=counts, micro_batches=cfg.grad_accum)
+                               target_counts=counts, micro_batches=cfg.grad_accum, rows=(own, cfg.batch_size))
         losses.pop("total").backward()
         for k, v in losses.items():
             sums[k] = sums.get(k, 0.0) + v.detach().float()

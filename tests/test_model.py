@@ -190,12 +190,12 @@ def test_lora_dropout_drops_each_element_independently_with_probability_p(p):
     dropped, in the whole tensor, in its last 2%, in the first and last 8 elements of 400 tensors (where the gap sums
     start and must end), and of adjacent pairs (independence: n p^2) within 6 standard deviations; the gradient is the
     same mask; one seed gives one mask, another a different one; outside training LoRALinear applies none."""
-    from model import lora_dropout
+    from noise import dropout
     torch.manual_seed(0)
     x = torch.rand(40, 5000) + 0.5  # no zeros of its own
     torch.manual_seed(1)
     xr = x.clone().requires_grad_()
-    y = lora_dropout(xr, p)
+    y = dropout(xr, p)
     dropped, flat = y == 0, (y == 0).flatten()
     assert torch.equal(y[~dropped], (x * torch.tensor(1 / (1 - p)))[~dropped])
     def within_6_sd(count, n, q):
@@ -204,14 +204,14 @@ def test_lora_dropout_drops_each_element_independently_with_probability_p(p):
     assert within_6_sd(int(flat.sum()), n, p)
     assert within_6_sd(int(flat[-n // 50:].sum()), n // 50, p)
     assert within_6_sd(int((flat[1:] & flat[:-1]).sum()), n - 1, p * p)
-    masks = torch.stack([lora_dropout(torch.ones(40_000), p) == 0 for _ in range(400)])
+    masks = torch.stack([dropout(torch.ones(40_000), p) == 0 for _ in range(400)])
     for edge in (masks[:, :8], masks[:, -8:]):  # the first gap starts at index 0; the sums must pass the very end
         assert within_6_sd(int(edge.sum()), edge.numel(), p)
     y.backward(torch.full_like(y, 3.0))
     assert torch.equal(xr.grad, torch.where(dropped, 0.0, 3.0 * torch.tensor(1 / (1 - p))))
     torch.manual_seed(1)
-    assert torch.equal(lora_dropout(x, p), y.detach())
-    assert not torch.equal(lora_dropout(x, p), y.detach())  # the generator moved on: a new mask
+    assert torch.equal(dropout(x, p), y.detach())
+    assert not torch.equal(dropout(x, p), y.detach())  # the generator moved on: a new mask
     lin = LoRALinear(torch.nn.Parameter(torch.randn(8, 5000), requires_grad=False), rank=4, alpha=8, dropout=p)
     torch.nn.init.normal_(lin.lora_B)
     assert not torch.equal(lin(x), lin(x))
@@ -222,22 +222,29 @@ def test_lora_dropout_drops_each_element_independently_with_probability_p(p):
 def test_lora_dropout_is_replayed_by_activation_checkpointing():
     """Recomputing a block in backward draws the same LoRA dropout masks (torch.utils.checkpoint restores the RNG
     state): with checkpointing the loss and the adapter gradients equal those without, bit for bit (and another seed
-    gives another loss, so the masks are really drawn). A dropout outside [0, 1) is refused when LoRA is applied."""
+    gives another loss, so the masks are really drawn). Also when the step has two forwards whose rows are parts of
+    larger batches (MAGNET's view A, then views B and C: the recomputation of the first must use its own rows). A
+    dropout outside [0, 1) is refused when LoRA is applied."""
     torch.manual_seed(0)
     model = apply_lora(Transformer(ModelArgs(**ARGS)), rank=4, alpha=8, dropout=0.3).train()
     for name, param in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.1)
     tokens = torch.randint(0, ARGS["vocab_size"], (2, 16))
-    def loss_and_grads(checkpointed):
+    tokens3 = torch.randint(0, ARGS["vocab_size"], (3, 12))
+    def loss_and_grads(checkpointed, parts=False):
         model.checkpoint_activations = checkpointed
         model.zero_grad(set_to_none=True)
         torch.manual_seed(7)
         loss = model(tokens, targets=tokens).mean()
+        if parts:  # rows 1-2 of 4, then rows 0, 3, 4 of 6
+            loss = model(tokens, targets=tokens, noise_rows=(torch.tensor([1, 2]), 4)).mean() + \
+                model(tokens3, targets=tokens3, noise_rows=(torch.tensor([0, 3, 4]), 6)).mean()
         loss.backward()
         return [loss] + [p.grad for p in model.parameters() if p.requires_grad]
-    for a, b in zip(loss_and_grads(False), loss_and_grads(True)):
-        assert torch.equal(a, b)
+    for parts in (False, True):
+        for a, b in zip(loss_and_grads(False, parts), loss_and_grads(True, parts)):
+            assert torch.equal(a, b)
     model.checkpoint_activations = False
     torch.manual_seed(8)
     assert not torch.equal(model(tokens, targets=tokens).mean(), loss_and_grads(False)[0])  # the masks matter
@@ -361,3 +368,16 @@ def test_llama2c_bin_roundtrip_and_truncation(tmp_path):
     (tmp_path / "tiny.bin").write_bytes(data[:10])
     with pytest.raises(CheckpointError, match="too short"):
         load_checkpoint(tmp_path / "tiny.bin")
+
+
+def test_dropout_of_some_rows_is_the_whole_batchs_on_those_rows():
+    """noise.dropout with rows=(index, n): a process holding rows `index` of a batch of n gets exactly the mask the
+    whole batch would get on those rows, from the same seed, however the rows are split."""
+    from noise import dropout
+    x = torch.rand(6, 7, 33) + 0.5  # (rows, T, features), no zeros of its own
+    torch.manual_seed(3)
+    whole = dropout(x, 0.3)
+    for index in (torch.arange(6), torch.tensor([0, 1, 2]), torch.tensor([3, 4, 5]), torch.tensor([1, 4])):
+        torch.manual_seed(3)
+        assert torch.equal(dropout(x[index], 0.3, rows=(index, 6)), whole[index]), index
+    assert 0.2 < float((whole == 0).float().mean()) < 0.4
