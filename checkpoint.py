@@ -6,6 +6,7 @@ Every failure is a CheckpointError that names the file and what was expected.
 """
 import json
 import math
+import os
 import pickle
 import shutil
 from pathlib import Path
@@ -201,6 +202,8 @@ def load_checkpoint(path, device="cpu", dtype=None, vocab_size=None, **overrides
     path = Path(path)
     if path.is_dir():
         params, state, source = _read_meta_dir(path)
+        if "max_seq_len" in read_export_settings(path):  # a merged export of a model made for shorter rows
+            overrides.setdefault("max_seq_len", read_export_settings(path)["max_seq_len"])
     elif path.is_file():
         params, state, source, seq_len = _read_llama2c(path)
         overrides.setdefault("max_seq_len", seq_len)
@@ -239,6 +242,16 @@ def _atomic_save(obj, path: Path):
     tmp.replace(path)
 
 
+def write_atomic(path, text):
+    """Write a text file under a temporary name, flush it to disk, then rename: `path` is never half-written."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
 def merged_state_dict(model: Transformer, dtype=None):
     """The base state dict with every LoRA update folded into its weight (adapter keys dropped), on the CPU, in
     `dtype` (default: the model's). The sum is formed in fp32; casting it to bf16 loses most of a small update
@@ -265,24 +278,33 @@ def save_checkpoint(model: Transformer, directory, overwrite=False, dtype=None):
     params = {k: v for k, v in params.items()
               if v is not None and not (k in ("rope_theta", "tie_embeddings") and v == getattr(ModelArgs, k))}
     _atomic_save(merged_state_dict(model, dtype), directory / "consolidated.00.pth")
-    (directory / "params.json").write_text(json.dumps(params, indent=2) + "\n")
+    write_atomic(directory / "params.json", json.dumps(params, indent=2) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # What an adapted model was trained with, stored beside it
 
 ENCODER_SETTINGS = ("instruction", "pooling")  # how a model was trained to encode: inference must do the same
+EXPORT_SETTINGS = ENCODER_SETTINGS + ("max_seq_len",)  # magnet.json: also the longest row the model was made for
+
+
+def read_export_settings(directory):
+    """magnet.json beside a merged export (train.py writes the EXPORT_SETTINGS there); {} for a plain base model."""
+    path = Path(directory) / "magnet.json"
+    settings = read_json_object(path, f"the settings {EXPORT_SETTINGS}") if path.is_file() else {}
+    if set(settings) - set(EXPORT_SETTINGS):
+        raise CheckpointError(f"{path}: expected the settings {EXPORT_SETTINGS} a model was trained with, got "
+                              f"{settings!r}")
+    return settings
 
 
 def read_encoder_settings(checkpoint, adapter=None):
     """The ENCODER_SETTINGS a model was trained with: from the adapter file (train.py stores them under "magnet"),
     else from magnet.json beside a merged export; {} for a plain base model."""
-    path = Path(adapter) if adapter is not None else Path(checkpoint) / "magnet.json"
-    if adapter is not None:
-        settings = torch.load(adapter, map_location="cpu", weights_only=True).get("magnet", {})
-    else:
-        settings = read_json_object(path, f"the settings {ENCODER_SETTINGS}") if path.is_file() else {}
+    if adapter is None:
+        return {k: v for k, v in read_export_settings(checkpoint).items() if k in ENCODER_SETTINGS}
+    settings = torch.load(adapter, map_location="cpu", weights_only=True).get("magnet", {})
     if not isinstance(settings, dict) or set(settings) - set(ENCODER_SETTINGS):
-        raise CheckpointError(f"{path}: expected the settings {ENCODER_SETTINGS} a model was trained with, "
+        raise CheckpointError(f"{adapter}: expected the settings {ENCODER_SETTINGS} a model was trained with, "
                               f"got {settings!r}")
     return settings

@@ -12,6 +12,7 @@ import argparse
 import importlib
 import json
 import math
+import os
 import shutil
 import sys
 import tempfile
@@ -86,9 +87,13 @@ def read_gguf(path: Path, dtype, own_tokenizer):
     if meta.get("general.architecture") != "llama":
         raise CheckpointError(f"{path}: general.architecture is {meta.get('general.architecture')!r}; expected 'llama'")
     dim, heads = meta["llama.embedding_length"], meta["llama.attention.head_count"]
-    if meta.get("llama.expert_count") or meta.get("llama.rope.scaling.type", "none") != "none" or \
-            meta.get("llama.rope.dimension_count", dim // heads) != dim // heads:
-        raise CheckpointError(f"{path}: experts, scaled or partial RoPE: not the plain Llama this project runs")
+    plain = {"llama.expert_count": not meta.get("llama.expert_count"),
+             "llama.rope.scaling.type": meta.get("llama.rope.scaling.type", "none") == "none",
+             "llama.rope.dimension_count": meta.get("llama.rope.dimension_count", dim // heads) == dim // heads}
+    bad = [key for key, ok in plain.items() if not ok]
+    if bad:
+        raise CheckpointError(f"{path}: {bad[0]} is {meta[bad[0]]!r}: experts, scaled or partial RoPE are not the "
+                              "plain Llama this project runs")
     model, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "gpt-2")
     if own_tokenizer and (model != "gpt2" or pre not in ("smollm", "starcoder", "gpt-2")):
         raise CheckpointError(f"{path}: cannot rebuild tokenizer {model!r} (pre-tokenizer {pre!r}); only 'gpt2' with "
@@ -188,11 +193,15 @@ def read_hf(directory: Path, dtype, own_tokenizer):
     if bad:
         raise CheckpointError(f"{path}: {bad[0]} is {c.get(bad[0])!r}; expected a positive integer")
     rope = c.get("rope_parameters") or {}  # transformers >= 5 keeps rope_theta here
-    if c.get("model_type") != "llama" or c.get("rope_scaling") or rope.get("rope_type", "default") != "default" or \
-            c.get("attention_bias") or c.get("mlp_bias") or c.get("hidden_act", "silu") != "silu" or \
-            c.get("head_dim") not in (None, c["hidden_size"] // c["num_attention_heads"]):
-        raise CheckpointError(f"{path}: model_type {c.get('model_type')!r}; expected a plain Llama (model_type "
-                              "'llama', no rope_scaling, no biases, silu, head_dim = hidden_size / heads)")
+    plain = dict(model_type=c.get("model_type") == "llama", rope_scaling=not c.get("rope_scaling"),
+                 rope_parameters=rope.get("rope_type", "default") == "default",
+                 attention_bias=not c.get("attention_bias"), mlp_bias=not c.get("mlp_bias"),
+                 hidden_act=c.get("hidden_act", "silu") == "silu",
+                 head_dim=c.get("head_dim") in (None, c["hidden_size"] // c["num_attention_heads"]))
+    bad = [key for key, ok in plain.items() if not ok]
+    if bad:
+        raise CheckpointError(f"{path}: {bad[0]} is {c.get(bad[0])!r}; expected a plain Llama (model_type 'llama', "
+                              "no rope_scaling, no biases, silu, head_dim = hidden_size / heads)")
     heads = c["num_attention_heads"]
     kv_heads = c.get("num_key_value_heads") or heads
     state = {}
@@ -252,7 +261,12 @@ def convert(src, out, overwrite=False, dtype="auto", tokenizer=None):
         if got != expected.get(key):
             raise CheckpointError(f"{src}: {key} is {got} but its config implies {expected.get(key, 'no such tensor')}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # same filesystem: rename is atomic
+    for leftover in out.parent.glob(f".{out.name}.converting.*"):  # a killed conversion's: as large as the model
+        pid = leftover.name.split(".")[-2]
+        if not pid.isdigit() or not process_alive(int(pid)):
+            print(f"convert.py: removing {leftover}, left by an interrupted conversion", file=sys.stderr)
+            shutil.rmtree(leftover, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.converting.{os.getpid()}.", dir=out.parent))  # same file system
     try:
         tmp.chmod(0o755)
         torch.save(state, tmp / "consolidated.00.pth")
@@ -265,6 +279,16 @@ def convert(src, out, overwrite=False, dtype="auto", tokenizer=None):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return params
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        pass
+    return True
 
 
 def main(argv=None):

@@ -9,17 +9,18 @@
 
 Inference only: the training losses of a batch are objectives.magnet_losses.
 """
-import math
-import numbers
-
 import torch
 from tqdm import tqdm
 
 from attention import CONTEXT, PAD, SPAN
 from checkpoint import load_adapter, load_checkpoint, read_encoder_settings
 from data import IGNORE, Tokenizer, pad_rows, sscl_views, text_start
+from inputs import check_arguments, check_length, token_ids
 from model import KVCache
 from objectives import pool
+
+
+MAX_UNKNOWN_GAP = 64  # longest gap infill_ids chooses the length of
 
 
 class Magnet:
@@ -63,34 +64,13 @@ class Magnet:
         sorted_p = sorted_p * keep
         return int(order[torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=gen)])
 
-    @staticmethod
-    def _check_arguments(texts, counts, temperature=0.0, top_p=1.0, seed=0):
-        """Clear errors for bad arguments, named: `texts` must be str, `counts` ints > 0, sampling settings numbers."""
-        for name, value in texts.items():
-            if not isinstance(value, str):
-                raise TypeError(f"{name} must be a str, got {value!r}")
-        for name, value in counts.items():
-            if type(value) is not int or value <= 0:
-                raise (ValueError if type(value) is int else TypeError)(f"{name} must be an int > 0, got {value!r}")
-        if any(isinstance(v, bool) or not isinstance(v, numbers.Real) for v in (temperature, top_p)) or \
-                isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not -2 ** 63 <= seed < 2 ** 64:
-            raise TypeError(f"temperature and top_p must be numbers and seed an int in [-2^63, 2^64) (torch's range); "
-                            f"got temperature={temperature!r}, top_p={top_p!r}, seed={seed!r}")
-        if not (0 <= temperature < math.inf and 0 < top_p <= 1):  # also catches NaN
-            raise ValueError(f"need a finite temperature >= 0 (0 = greedy) and 0 < top_p <= 1; got temperature="
-                             f"{temperature}, top_p={top_p}")
-
-    def _check_length(self, n):
-        if n > self.model.args.max_seq_len:
-            raise ValueError(f"{n} positions requested but the model's max_seq_len is {self.model.args.max_seq_len}")
-
     @torch.inference_mode()  # no_grad, minus autograd's bookkeeping on every tensor (faster decode steps)
     def generate(self, prompt, max_new_tokens=64, temperature=0.0, top_p=1.0, seed=0, use_cache=True):
         """Continue `prompt` left to right (all-SPAN = the ordinary causal LM); stops at EOS. Returns the new text.
         The prompt starts with BOS only where the tokenizer adds one (Llama-2 does, SmolLM2 does not)."""
-        self._check_arguments(dict(prompt=prompt), dict(max_new_tokens=max_new_tokens), temperature, top_p, seed)
+        check_arguments(dict(prompt=prompt), dict(max_new_tokens=max_new_tokens), temperature, top_p, seed)
         ids = self.tok.encode(prompt, bos=self.tok.add_bos) or [self.tok.bos_id]  # the tokenizer's own convention
-        self._check_length(len(ids) + max_new_tokens)
+        check_length(self.model, len(ids) + max_new_tokens)
         gen = torch.Generator(device=self.device).manual_seed(seed)
         x = torch.tensor([ids], device=self.device)
         cache = KVCache(self.model.args, 1, len(ids) + max_new_tokens, self.device, self.model.output.weight.dtype)
@@ -113,7 +93,7 @@ class Magnet:
         n_tokens: the gap's length in tokens; None when it is unknown: the model chooses it, 1..max_tokens (infill_ids).
         Both sides are tokenized as they are in the whole text (Tokenizer.context_ids): a space at an edge of the
         gap belongs to the word after it, so no stray piece shifts the right context."""
-        self._check_arguments(dict(left=left, right=right), {})
+        check_arguments(dict(left=left, right=right), {})
         if not left.strip() and not right.strip():
             raise ValueError("infill needs some context: left and right are both empty")
         return self.tok.decode(self.infill_ids(*self.tok.context_ids(left, right), n_tokens, max_tokens,
@@ -133,17 +113,18 @@ class Magnet:
         MAGNET keeps), and the gap that makes left + gap + right most likely wins: argmax log p(gap, right | left).
         """
         counts = dict(n_tokens=n_tokens) if n_tokens is not None else dict(max_tokens=max_tokens)
-        self._check_arguments({}, counts, temperature, top_p, seed)
+        check_arguments({}, counts, temperature, top_p, seed)
+        left_ids, right_ids = token_ids(left_ids, "left_ids", self.tok), token_ids(right_ids, "right_ids", self.tok)
         if not left_ids:
             raise ValueError("infill needs at least one left token (BOS) to predict the gap's first token from")
-        if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) and 0 <= i < self.tok.vocab_size
-                   for i in [*left_ids, *right_ids]):
-            raise ValueError(f"left_ids and right_ids must be token ids in [0, {self.tok.vocab_size})")
+        check_length(self.model, len(left_ids) + (n_tokens or max_tokens) + len(right_ids))
+        if n_tokens is None and max_tokens > MAX_UNKNOWN_GAP:  # one cached row per candidate length, decoded at once
+            raise ValueError(f"max_tokens={max_tokens}: a gap of unknown length is at most {MAX_UNKNOWN_GAP} tokens "
+                             "(each candidate length is a row with its own KV cache); give n_tokens for a longer one")
         lengths = [n_tokens] if n_tokens is not None else list(range(1, max_tokens + 1))
-        self._check_length(len(left_ids) + max(lengths) + len(right_ids))
         gen = torch.Generator(device=self.device).manual_seed(seed)
         decode = self._decode_gaps if use_cache else self._decode_gaps_recomputed
-        gaps = decode(list(left_ids), list(right_ids), lengths, temperature, top_p, gen)
+        gaps = decode(left_ids, right_ids, lengths, temperature, top_p, gen)
         if len(gaps) == 1:
             return gaps[0]
         scores = self.causal_logprob(left_ids, [gap + list(right_ids) for gap in gaps])
@@ -187,7 +168,11 @@ class Magnet:
     def causal_logprob(self, prefix_ids, continuations):
         """log p(continuation | prefix) read left to right (all SPAN: the plain causal LM), one per continuation:
         a (K,) float tensor."""
-        rows = [list(prefix_ids) + list(c) for c in continuations]
+        prefix_ids = token_ids(prefix_ids, "prefix_ids", self.tok)
+        continuations = [token_ids(c, "each continuation", self.tok) for c in continuations]
+        if not prefix_ids or not continuations:
+            raise ValueError("causal_logprob needs a prefix of at least one token (BOS) and at least one continuation")
+        rows = [prefix_ids + c for c in continuations]
         tokens = pad_rows(rows, self.tok.pad_id).to(self.device)  # (K, T)
         roles = pad_rows([[SPAN] * len(r) for r in rows], PAD).to(self.device)
         targets = torch.full_like(tokens, IGNORE)  # (K, T): the outputs that predict a continuation token
@@ -208,11 +193,11 @@ class Magnet:
         EOS appended, last-token pooling by default (or "mean")."""
         if isinstance(texts, str) or not texts or not all(isinstance(t, str) and t.strip() for t in texts):
             raise ValueError("encode expects a non-empty list of non-empty strings")
-        self._check_arguments({}, dict(batch_size=batch_size))
+        check_arguments({}, dict(batch_size=batch_size))
         out = []
         for i in tqdm(range(0, len(texts), batch_size), desc="encode", leave=False, disable=len(texts) <= batch_size):
             ids = [self.tok.encode(t) for t in texts[i:i + batch_size]]
-            self._check_length(max(len(t) for t in ids) + 2 + len(self.tok.encode(self.instruction)))
+            check_length(self.model, max(len(t) for t in ids) + 2 + len(self.tok.encode(self.instruction)))
             tokens, roles, last = (x.to(self.device) for x in sscl_views(ids, self.tok, 10 ** 9, self.instruction))
             roles = self._encoder_roles(roles)
             hidden = self.model(tokens, roles, compute_logits=False)  # (b, T, dim)
@@ -227,14 +212,14 @@ class Magnet:
         of texts, one such pair per text (computed batch_size texts at a time)."""
         texts = text if isinstance(text, list) else [text]
         for t in texts:
-            self._check_arguments(dict(text=t), {})
+            check_arguments(dict(text=t), {})
         if not texts or not all(t.strip() for t in texts):
             raise ValueError("token_features needs non-empty texts")
-        self._check_arguments({}, dict(batch_size=batch_size))
+        check_arguments({}, dict(batch_size=batch_size))
         out, shift = [], int(self.attention == "causal")
         for i in range(0, len(texts), batch_size):
             ids = [self.tok.encode(t, bos=True) for t in texts[i:i + batch_size]]
-            self._check_length(max(map(len, ids)))
+            check_length(self.model, max(map(len, ids)))
             tokens = pad_rows(ids, self.tok.pad_id).to(self.device)  # (b, T+1)
             roles = self._encoder_roles(pad_rows([[CONTEXT] * len(r) for r in ids], PAD).to(self.device))
             hidden = self.model(tokens, roles, compute_logits=False).float().cpu()  # (b, T+1, dim)

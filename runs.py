@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from checkpoint import read_json_object
+from checkpoint import read_json_object, write_atomic
 from config import ConfigError
 
 
@@ -172,16 +172,6 @@ def file_identity(path, sample=1 << 20):
             f.seek(offset)
             digest.update(f.read(sample))
     return f"{size} bytes, sha256 {digest.hexdigest()[:16]}"
-
-
-def write_atomic(path, text):
-    """Write a text file under a temporary name, flush it to disk, then rename: `path` is never half-written."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
 
 
 def start_log(out, settings, start):

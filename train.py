@@ -31,8 +31,8 @@ from tqdm import tqdm
 import runs
 import toy
 from attention import PAD
-from checkpoint import (ENCODER_SETTINGS, CheckpointError, load_checkpoint, save_adapter, save_checkpoint,
-                        copy_tokenizer, tokenizer_beside)
+from checkpoint import (ENCODER_SETTINGS, CheckpointError, copy_tokenizer, load_checkpoint, save_adapter,
+                        save_checkpoint, tokenizer_beside, write_atomic)
 from config import MERGED_DTYPES, ConfigError, parse, use_bf16, validate_train_config
 from data import IGNORE, BatchConfig, TextCorpus, Tokenizer, batch_rows, magnet_batch, read_pairs, text_start
 from model import ModelArgs, Transformer, apply_lora
@@ -296,7 +296,8 @@ def export(out, model, full, tok, cfg, rank):
             save_adapter(full, out / "adapter.pt", overwrite=True, magnet=settings)
         save_checkpoint(full, out / "merged", overwrite=True, dtype=MERGED_DTYPES[cfg.merged_dtype])
         copy_tokenizer(tok.path, out / "merged")
-        (out / "merged" / "magnet.json").write_text(json.dumps(settings) + "\n")
+        settings["max_seq_len"] = full.args.max_seq_len  # the merged files alone do not say (Meta's params.json)
+        write_atomic(out / "merged" / "magnet.json", json.dumps(settings) + "\n")
         print(f"wrote {out / 'merged'} (Meta format + tokenizer, {cfg.merged_dtype})" +
               (f" and {out / 'adapter.pt'}; evaluate the exact model with --ckpt={cfg.init_from}::{out / 'adapter.pt'}"
                if cfg.lora and cfg.init_from != "scratch" else ""))  # a random scratch base is not saved

@@ -296,8 +296,17 @@ def test_bad_inputs(toy_files, tmp_path):
     refused(tmp_path / "hf", out, r"hf: shard model-00002-of-00002\.safetensors named in .* is missing")
     (tmp_path / "shard2").rename(tmp_path / "hf" / "model-00002-of-00002.safetensors")
     refused(tmp_path / "missing", out, r"missing: not found")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    for key, value in (("rope_scaling", {"type": "linear", "factor": 2.0}), ("attention_bias", True)):
+        (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, key: value}))
+        refused(tmp_path / "hf", out, rf"hf/config\.json: {key} is .*expected a plain Llama")  # names the key
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
 
+    killed = out.parent / ".meta.converting.999999999.x1y2"  # what a conversion killed mid-write leaves
+    killed.mkdir()
+    (killed / "consolidated.00.pth").write_bytes(b"half")
     convert.convert(tmp_path / "hf", out)  # good input; then OUT_DIR holds a checkpoint
+    assert not killed.exists()  # the next conversion named it and removed it
     first = (out / "consolidated.00.pth").read_bytes()
     refused(tmp_path / "hf", out, r"meta: already holds a checkpoint; pass --overwrite")
     assert (out / "consolidated.00.pth").read_bytes() == first

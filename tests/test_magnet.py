@@ -283,3 +283,19 @@ def test_encoding_a_long_list_shows_progress(tiny, capsys):
     assert torch.allclose(vectors, torch.cat([tiny.encode(texts[i:i + 4]) for i in range(0, 12, 4)]), atol=1e-5)
     tiny.encode(texts[:4], batch_size=4)
     assert "encode" not in capsys.readouterr().err  # one batch: none
+
+
+def test_token_id_arguments_and_gap_lengths_are_checked_first(tiny):
+    """Bad ids, an empty prefix, no continuation, or an unknown-length gap too long to decode at once (one cached row
+    per candidate length): a clear error naming the argument, before anything is allocated."""
+    left, right = tiny.tok.context_ids("Mia found a", " under the tree.")
+    assert tiny.infill_ids(torch.tensor(left), torch.tensor(right), 2) == tiny.infill_ids(left, right, 2)  # tensors
+    for call, message in ((lambda: tiny.infill_ids(torch.tensor([left, left]), right, 2), "left_ids must be token ids"),
+                          (lambda: tiny.infill_ids(left, [10 ** 6], 2), r"right_ids must be token ids"),
+                          (lambda: tiny.infill(left="Mia", right=" tree.", max_tokens=70), "at most 64 tokens"),
+                          (lambda: tiny.infill(left="Mia", right=" tree.", max_tokens=10 ** 9), "max_seq_len is 96"),
+                          (lambda: tiny.causal_logprob([], [[5]]), "a prefix of at least one token"),
+                          (lambda: tiny.causal_logprob(left, []), "at least one continuation"),
+                          (lambda: tiny.causal_logprob(left, [[5], "x"]), "each continuation must be")):
+        with pytest.raises(ValueError, match=message):
+            call()

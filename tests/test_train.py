@@ -586,11 +586,17 @@ def test_resume_refuses_a_corpus_that_changed(setup, capsys):
 
 def test_the_demo_runs_after_the_run_is_safe(tmp_path, capsys, monkeypatch):
     """The toy world, LoRA on a random base (no phase 1): the demo reads the merged export; and should the demo fail,
-    the finished run stays where it is."""
+    the finished run stays where it is. The merged export records the rows its model was made for (max_seq_len),
+    which Meta's params.json cannot: loaded, it refuses to generate past them."""
     args = ["--pretrain_iters=0", "--dim=32", "--n_layers=1", "--n_heads=2", "--multiple_of=16", "--max_iters=2",
-            "--batch_size=4", "--seq_len=32", "--sscl_len=16", "--device=cpu", f"--cache_dir={tmp_path / 'cache'}"]
+            "--batch_size=4", "--seq_len=32", "--sscl_len=16", "--max_seq_len=64", "--device=cpu",
+            f"--cache_dir={tmp_path / 'cache'}"]
     run_main(args + [f"--out_dir={tmp_path / 'ok'}"])
     assert "cosine similarity to" in capsys.readouterr().out
+    merged = Magnet.load(tmp_path / "ok" / "merged", tmp_path / "ok" / "merged" / "tokenizer.model")
+    assert merged.model.args.max_seq_len == 64
+    with pytest.raises(ValueError, match="max_seq_len is 64"):
+        merged.generate("Mia found a", 100)
     monkeypatch.setattr(train.toy, "demo", lambda *a: (_ for _ in ()).throw(ValueError("demo failed")))
     assert train.main(args + [f"--out_dir={tmp_path / 'demo-fails'}"]) == 1
     assert "demo failed" in capsys.readouterr().err
