@@ -38,9 +38,12 @@ def copy_tokenizer(path, directory):
     """Copy a tokenizer into a checkpoint directory under its usual name; a tokenizer.json brings the
     tokenizer_config.json beside it (its special tokens and BOS convention)."""
     path, directory = Path(path), Path(directory)
-    shutil.copyfile(path, directory / TOKENIZER_FILES[path.suffix == ".json"])
+    copies = {path: directory / TOKENIZER_FILES[path.suffix == ".json"]}
     if path.suffix == ".json" and (path.parent / "tokenizer_config.json").is_file():
-        shutil.copyfile(path.parent / "tokenizer_config.json", directory / "tokenizer_config.json")
+        copies[path.parent / "tokenizer_config.json"] = directory / "tokenizer_config.json"
+    for src, dst in copies.items():  # under a temporary name, then renamed: never half a tokenizer
+        shutil.copyfile(src, dst.with_name(dst.name + ".tmp"))
+        dst.with_name(dst.name + ".tmp").replace(dst)
 
 
 

@@ -299,3 +299,5 @@ def test_token_id_arguments_and_gap_lengths_are_checked_first(tiny):
                           (lambda: tiny.causal_logprob(left, [[5], "x"]), "each continuation must be")):
         with pytest.raises(ValueError, match=message):
             call()
+    with pytest.raises(TypeError, match=r"n_tokens must be an int > 0, got tensor\(\[2\]\)"):
+        tiny.infill_ids(left, right, torch.tensor([2]))
