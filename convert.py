@@ -1,8 +1,9 @@
 """Foreign checkpoints in: a GGUF file or a Hugging Face Llama directory -> a Meta directory that
-checkpoint.load_checkpoint reads.
+checkpoint.load_checkpoint reads; and out again: a Meta directory (+ a trained adapter) -> Hugging Face (+ PEFT).
 
     python convert.py SmolLM2-135M-Instruct.Q4_1.gguf models/smollm2    # GGUF: every tensor dequantized
     python convert.py /path/to/Llama-2-7b-hf models/llama-2-7b           # HF: its q/k rotary permutation undone
+    python convert.py --to=hf out/base/merged hf/base --adapter=out/adapter.pt   # out: HF Llama + PEFT adapter
 
 OUT_DIR gets params.json, consolidated.00.pth and the tokenizer (tokenizer.model, or tokenizer.json + its
 tokenizer_config.json). Tensors are read one at a time (memory-mapped), in the target dtype: peak memory is about one
@@ -20,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import CheckpointError, check_params, copy_tokenizer, read_json_object, tokenizer_beside
+from checkpoint import (CheckpointError, check_params, copy_tokenizer, load_adapter, load_checkpoint,
+                        merged_state_dict, read_json_object, tokenizer_beside)
 from data import Tokenizer
 from model import ModelArgs, Transformer
 
@@ -281,6 +283,141 @@ def convert(src, out, overwrite=False, dtype="auto", tokenizer=None):
     return params
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Out to Hugging Face (+ PEFT): the reverse of read_hf
+
+SHARD_BYTES = 5 * 2 ** 30  # transformers' default max_shard_size: a larger model is split, with an index file
+HF_NAMES = {**{v: k for k, v in HF_BLOCK.items()}, **{v: k for k, v in HF_TOP.items()}}  # Meta's names -> HF's
+
+
+def permute(w, n_heads):
+    """HF's rotate-half layout from Meta's interleaved one (inverse of unpermute): rows (head, hd/2, 2) -> (head, 2,
+    hd/2). w: (n_heads * hd, in)."""
+    return w.view(n_heads, w.shape[0] // n_heads // 2, 2, w.shape[1]).transpose(1, 2).reshape(w.shape)
+
+
+def hf_name(meta_key):
+    """"layers.3.attention.wq.weight" -> "model.layers.3.self_attn.q_proj.weight"; "output.weight" -> "lm_head.weight"."""
+    stem = meta_key.removesuffix(".weight")
+    if stem.startswith("layers."):
+        _, i, rest = stem.split(".", 2)
+        return f"model.layers.{i}.{HF_NAMES[rest]}.weight"
+    return f"{HF_NAMES[stem]}.weight"
+
+
+def to_hf_state(model, state):
+    """A Meta state dict (no LoRA keys) as HF's: names mapped, wq / wk permuted, a tied output left out."""
+    args, out = model.args, {}
+    for key, w in state.items():
+        if key == "output.weight" and args.tie_embeddings:
+            continue
+        if key.endswith(("wq.weight", "wk.weight")):
+            w = permute(w, args.n_heads if key.endswith("wq.weight") else args.kv_heads)
+        out[hf_name(key)] = w.contiguous()
+    return out
+
+
+def hf_config(model, tok, dtype):
+    a = model.args
+    return dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=a.dim,
+                intermediate_size=a.hidden_dim, num_hidden_layers=a.n_layers, num_attention_heads=a.n_heads,
+                num_key_value_heads=a.kv_heads, head_dim=a.head_dim, vocab_size=a.vocab_size, rms_norm_eps=a.norm_eps,
+                rope_theta=a.rope_theta, rope_scaling=None, hidden_act="silu", attention_bias=False, mlp_bias=False,
+                tie_word_embeddings=a.tie_embeddings, max_position_embeddings=a.max_seq_len, bos_token_id=tok.bos_id,
+                eos_token_id=tok.eos_id, torch_dtype=str(dtype).removeprefix("torch."))
+
+
+def save_safetensors(state, directory, prefix="model"):
+    """`prefix`.safetensors, or shards of at most SHARD_BYTES with `prefix`.safetensors.index.json, as transformers."""
+    st = need("safetensors.torch")
+    shards, size = [{}], 0
+    for key, w in state.items():
+        if size and size + w.nbytes > SHARD_BYTES:
+            shards, size = shards + [{}], 0
+        shards[-1][key], size = w, size + w.nbytes
+    if len(shards) == 1:
+        return st.save_file(shards[0], directory / f"{prefix}.safetensors", metadata={"format": "pt"})
+    weight_map = {}
+    for n, shard in enumerate(shards, 1):
+        name = f"{prefix}-{n:05d}-of-{len(shards):05d}.safetensors"
+        st.save_file(shard, directory / name, metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    total = sum(w.nbytes for w in state.values())
+    (directory / f"{prefix}.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+
+
+def save_hf_tokenizer(tok, directory):
+    """The tokenizer as transformers loads it: the file itself and a tokenizer_config.json naming its special tokens."""
+    copy_tokenizer(tok.path, directory)
+    config_path = directory / "tokenizer_config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    if tok.sp is not None:  # SentencePiece: Llama's tokenizer class, Llama's BOS convention
+        config.update(tokenizer_class="LlamaTokenizer", add_bos_token=True, add_eos_token=False,
+                      legacy=True, unk_token=tok.id_to_piece(tok.unk_id))
+    config.update(bos_token=tok.id_to_piece(tok.bos_id), eos_token=tok.id_to_piece(tok.eos_id))
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def peft_adapter(model, lora_config, directory, base_path):
+    """The LoRA matrices of `model` as a PEFT adapter: PEFT's key names, B's rows permuted for q / k (the update
+    B A is then permuted as the weight is), alpha / r as PEFT's scaling."""
+    args, state = model.args, {}
+    for key, w in model.state_dict().items():
+        if "lora_" not in key:
+            continue
+        stem, _, which = key.removesuffix(".weight").rpartition(".lora_")  # ('layers.0.attention.wq', 'A')
+        if which == "B" and stem.endswith(("wq", "wk")):
+            w = permute(w, args.n_heads if stem.endswith("wq") else args.kv_heads)
+        state[f"base_model.model.{hf_name(stem + '.weight').removesuffix('.weight')}.lora_{which}.weight"] = \
+            w.detach().float().contiguous()
+    targets = sorted({HF_NAMES[f"{part}.{t}"].split(".")[-1] for t in lora_config["targets"]
+                      for part in ("attention", "feed_forward") if f"{part}.{t}" in HF_NAMES})
+    config = dict(peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=str(base_path),
+                  r=lora_config["rank"], lora_alpha=lora_config["alpha"], lora_dropout=lora_config["dropout"],
+                  target_modules=targets, bias="none", fan_in_fan_out=False, inference_mode=True,
+                  init_lora_weights=True, use_rslora=False, use_dora=False, modules_to_save=None)
+    directory.mkdir()
+    (directory / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    need("safetensors.torch").save_file(state, directory / "adapter_model.safetensors", metadata={"format": "pt"})
+
+
+def export_hf(src, out, tokenizer=None, adapter=None, merge=False, overwrite=False, dtype="float32"):
+    """SRC (what Magnet.load reads: a Meta directory, a llama2.c .bin) as the Hugging Face Llama directory OUT, with
+    ADAPTER as a PEFT adapter in OUT/adapter, or, with merge, folded into OUT's weights (in fp32, then cast)."""
+    src, out = Path(src), Path(out)
+    if out.exists() and not (overwrite and out.is_dir() and (out / "config.json").is_file()):
+        raise CheckpointError(f"{out}: exists; choose a new directory (or --overwrite an earlier export)")
+    tok_path = Path(tokenizer) if tokenizer else tokenizer_beside(src if src.is_dir() else src.parent)
+    if tok_path is None or not tok_path.is_file():
+        raise CheckpointError(f"{src}: no tokenizer beside it; pass --tokenizer=FILE")
+    tok = Tokenizer(tok_path)
+    model = load_checkpoint(src, vocab_size=tok.vocab_size)
+    if adapter:
+        load_adapter(model, adapter)
+    if adapter and not merge:
+        state = {k: v for k, v in model.state_dict().items() if "lora_" not in k}
+    else:
+        state = merged_state_dict(model, torch.float32)
+    state = {k: v.to(DTYPES[dtype]) for k, v in state.items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.converting.{os.getpid()}.", dir=out.parent))
+    try:
+        tmp.chmod(0o755)
+        save_safetensors(to_hf_state(model, state), tmp)
+        (tmp / "config.json").write_text(json.dumps(hf_config(model, tok, DTYPES[dtype]), indent=2) + "\n")
+        save_hf_tokenizer(tok, tmp)
+        if adapter and not merge:
+            peft_adapter(model, model.lora_config, tmp / "adapter", out.resolve())
+        if out.exists():
+            out.rename(tmp / "replaced")
+        tmp.rename(out)
+        shutil.rmtree(out / "replaced", ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return hf_config(model, tok, DTYPES[dtype])
+
+
 def process_alive(pid):
     try:
         os.kill(pid, 0)
@@ -293,15 +430,26 @@ def process_alive(pid):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("src", help="a llama-architecture .gguf file, or a Hugging Face Llama directory")
-    p.add_argument("out_dir", help="the Meta directory to write (new or empty)")
+    p.add_argument("src", help="in: a llama .gguf file or a Hugging Face Llama directory; --to=hf: a Meta directory "
+                               "or a llama2.c .bin")
+    p.add_argument("out_dir", help="the directory to write (new, or with --overwrite an earlier conversion)")
+    p.add_argument("--to", default="meta", choices=["meta", "hf"], help="meta: into this project (default); hf: out")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier conversion in OUT_DIR")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: as stored (HF), float32 (GGUF)")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="auto: as stored (HF), float32 (GGUF; and --to=hf)")
     p.add_argument("--tokenizer", help="use this tokenizer.model / tokenizer.json instead of SRC's")
+    p.add_argument("--adapter", help="--to=hf: a train.py adapter.pt, written as a PEFT adapter in OUT_DIR/adapter")
+    p.add_argument("--merge", action="store_true", help="--to=hf: fold --adapter into the weights instead")
     a = p.parse_args(argv)
     try:
-        params = convert(a.src, a.out_dir, a.overwrite, a.dtype, a.tokenizer)
-    except (CheckpointError, OSError) as e:
+        if a.to == "hf":
+            params = export_hf(a.src, a.out_dir, a.tokenizer, a.adapter, a.merge, a.overwrite,
+                               "float32" if a.dtype == "auto" else a.dtype)
+        elif a.adapter or a.merge:
+            raise CheckpointError("--adapter and --merge go with --to=hf")
+        else:
+            params = convert(a.src, a.out_dir, a.overwrite, a.dtype, a.tokenizer)
+    except (CheckpointError, OSError, ValueError) as e:
         sys.exit(f"convert.py: {e}")
     print(f"wrote {a.out_dir}: {json.dumps(params)}")
 
