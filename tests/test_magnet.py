@@ -301,3 +301,20 @@ def test_token_id_arguments_and_gap_lengths_are_checked_first(tiny):
             call()
     with pytest.raises(TypeError, match=r"n_tokens must be an int > 0, got tensor\(\[2\]\)"):
         tiny.infill_ids(left, right, torch.tensor([2]))
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_vectors_do_not_depend_on_the_batch(tiny, pooling):
+    """encode / token_features of a batch equal those of each text alone, whatever the lengths and their order (the
+    padding is masked out, positions are each row's own); a text too long for the model is an error, not a vector."""
+    texts = ["Mia found a kite.", "Under the tree, Tom spotted a big toy drum and it made a loud sound.", "A ball.",
+             "Lily and Ben played with the shiny old oil lamp all day."]
+    alone = torch.cat([tiny.encode([t], pooling=pooling) for t in texts])
+    torch.testing.assert_close(tiny.encode(texts, pooling=pooling), alone, rtol=0, atol=1e-5)
+    torch.testing.assert_close(tiny.encode(texts[::-1], pooling=pooling).flip(0), alone, rtol=0, atol=1e-5)
+    for (pieces, feats), text in zip(tiny.token_features(texts), texts):
+        single_pieces, single = tiny.token_features(text)
+        assert pieces == single_pieces
+        torch.testing.assert_close(feats, single, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="max_seq_len is 96"):
+        tiny.encode(texts[:1] + ["Mia found a kite. " * 40])
