@@ -22,7 +22,9 @@ class CheckpointError(ValueError):
 
 
 PARAMS_JSON_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
-                      "ffn_dim_multiplier", "norm_eps", "rope_theta", "tie_embeddings")
+                      "ffn_dim_multiplier", "norm_eps", "rope_theta", "rope_scaling", "tie_embeddings")
+# Meta's Llama-3.1 params.json says "use_scaled_rope": true (and, for other factors, "rope_scaling_factor"): this
+LLAMA3_SCALING = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
 INT_PARAMS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of")
 
 
@@ -184,6 +186,9 @@ def check_params(params, source):
     def valid(key, value):
         if key == "tie_embeddings":
             return isinstance(value, bool)
+        if key == "rope_scaling":
+            return value is None or isinstance(value, dict) and set(value) == set(LLAMA3_SCALING) and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in value.values())
         if value is None:
             return key in ("n_kv_heads", "ffn_dim_multiplier")
         if isinstance(value, bool) or not isinstance(value, int if key in INT_PARAMS else (int, float)):
@@ -212,7 +217,9 @@ def load_checkpoint(path, device="cpu", dtype=None, vocab_size=None, **overrides
         overrides.setdefault("max_seq_len", seq_len)
     else:
         raise CheckpointError(f"{path}: no such checkpoint (expected a Meta directory or a llama2.c .bin file)")
-    unknown = set(params) - set(PARAMS_JSON_FIELDS)  # e.g. Llama-3's use_scaled_rope: would change the numerics
+    if params.pop("use_scaled_rope", False):  # Meta's Llama-3.1 / 3.2
+        params["rope_scaling"] = {**LLAMA3_SCALING, "factor": params.pop("rope_scaling_factor", 8.0)}
+    unknown = set(params) - set(PARAMS_JSON_FIELDS)  # a setting not written here would change the numerics
     if unknown:
         raise CheckpointError(f"{source}: unsupported key(s) {sorted(unknown)}; known: {list(PARAMS_JSON_FIELDS)}")
     check_params(params, source)
@@ -280,6 +287,9 @@ def save_checkpoint(model: Transformer, directory, overwrite=False, dtype=None):
     # keep params.json readable by Meta's own Llama-2 code: write our extra keys only when they are not the default
     params = {k: v for k, v in params.items()
               if v is not None and not (k in ("rope_theta", "tie_embeddings") and v == getattr(ModelArgs, k))}
+    if params.get("rope_scaling") and {**params["rope_scaling"], "factor": 8.0} == LLAMA3_SCALING:  # as Meta writes it
+        factor = params.pop("rope_scaling")["factor"]
+        params.update(use_scaled_rope=True, **({} if factor == 8.0 else {"rope_scaling_factor": factor}))
     _atomic_save(merged_state_dict(model, dtype), directory / "consolidated.00.pth")
     write_atomic(directory / "params.json", json.dumps(params, indent=2) + "\n")
 

@@ -21,13 +21,14 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import (CheckpointError, check_params, copy_tokenizer, load_adapter, load_checkpoint,
+from checkpoint import (LLAMA3_SCALING, CheckpointError, check_params, copy_tokenizer, load_adapter, load_checkpoint,
                         merged_state_dict, read_json_object, tokenizer_beside)
 from data import Tokenizer
 from model import ModelArgs, Transformer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-WRITTEN = {"params.json", "consolidated.00.pth", "tokenizer.model", "tokenizer.json", "tokenizer_config.json"}
+WRITTEN = {"params.json", "consolidated.00.pth", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+           "magnet.json"}
 BLOCK = ("attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1", "feed_forward.w2",
          "feed_forward.w3", "attention_norm", "ffn_norm")  # Meta's names inside layers.{i}
 GGUF_BLOCK = dict(zip(("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_down", "ffn_up", "attn_norm",
@@ -117,6 +118,8 @@ def read_gguf(path: Path, dtype, own_tokenizer):
                   **ffn_params(dim, meta["llama.feed_forward_length"], path),
                   norm_eps=float(f"{meta['llama.attention.layer_norm_rms_epsilon']:.7g}"),  # float32 in the file
                   rope_theta=float(f"{meta.get('llama.rope.freq_base', 10000.0):.7g}"))
+    if meta.get("llama.context_length"):  # the context it was made for: kept beside, in magnet.json
+        params["max_seq_len"] = int(meta["llama.context_length"])
     return params, state, lambda out: gguf_tokenizer(reader, meta, out)
 
 
@@ -194,16 +197,17 @@ def read_hf(directory: Path, dtype, own_tokenizer):
     bad = [k for k in sizes if type(c.get(k)) is not int or c[k] <= 0]
     if bad:
         raise CheckpointError(f"{path}: {bad[0]} is {c.get(bad[0])!r}; expected a positive integer")
-    rope = c.get("rope_parameters") or {}  # transformers >= 5 keeps rope_theta here
-    plain = dict(model_type=c.get("model_type") == "llama", rope_scaling=not c.get("rope_scaling"),
-                 rope_parameters=rope.get("rope_type", "default") == "default",
+    rope = {**(c.get("rope_parameters") or {}), **(c.get("rope_scaling") or {})}  # transformers >= 5: the former
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    plain = dict(model_type=c.get("model_type") == "llama", rope_scaling=rope_type in ("default", "llama3"),
                  attention_bias=not c.get("attention_bias"), mlp_bias=not c.get("mlp_bias"),
                  hidden_act=c.get("hidden_act", "silu") == "silu",
                  head_dim=c.get("head_dim") in (None, c["hidden_size"] // c["num_attention_heads"]))
     bad = [key for key, ok in plain.items() if not ok]
     if bad:
-        raise CheckpointError(f"{path}: {bad[0]} is {c.get(bad[0])!r}; expected a plain Llama (model_type 'llama', "
-                              "no rope_scaling, no biases, silu, head_dim = hidden_size / heads)")
+        value = rope_type if bad[0] == "rope_scaling" else c.get(bad[0])
+        raise CheckpointError(f"{path}: {bad[0]} is {value!r}; expected a plain Llama (model_type 'llama', RoPE "
+                              "unscaled or scaled as Llama-3's, no biases, silu, head_dim = hidden_size / heads)")
     heads = c["num_attention_heads"]
     kv_heads = c.get("num_key_value_heads") or heads
     state = {}
@@ -222,6 +226,10 @@ def read_hf(directory: Path, dtype, own_tokenizer):
                   vocab_size=c["vocab_size"], **ffn_params(c["hidden_size"], c["intermediate_size"], path),
                   norm_eps=c.get("rms_norm_eps", 1e-6),
                   rope_theta=c.get("rope_theta") or rope.get("rope_theta", 10000.0))
+    if rope_type == "llama3":
+        params["rope_scaling"] = {k: rope[k] for k in LLAMA3_SCALING}
+    if c.get("max_position_embeddings"):  # the context it was made for: kept beside, in magnet.json
+        params["max_seq_len"] = c["max_position_embeddings"]
     return params, state, lambda out: copy_tokenizer(found, out)
 
 
@@ -245,6 +253,7 @@ def convert(src, out, overwrite=False, dtype="auto", tokenizer=None):
             read_gguf(src, DTYPES.get(dtype, torch.float32), tokenizer is None)
     except KeyError as e:
         raise CheckpointError(f"{src}: its config lacks {e}") from None
+    context = params.pop("max_seq_len", None)  # not a params.json field: magnet.json beside it
     check_params(params, src)
     if tokenizer:
         try:
@@ -273,6 +282,8 @@ def convert(src, out, overwrite=False, dtype="auto", tokenizer=None):
         tmp.chmod(0o755)
         torch.save(state, tmp / "consolidated.00.pth")
         (tmp / "params.json").write_text(json.dumps(params, indent=2) + "\n")
+        if context:
+            (tmp / "magnet.json").write_text(json.dumps({"max_seq_len": context}) + "\n")
         copy_tokenizer(Path(tokenizer), tmp) if tokenizer else write_tokenizer(tmp)
         if out.exists():  # empty, or the earlier conversion: moved into tmp, removed with it
             out.rename(tmp / "replaced")
@@ -297,7 +308,7 @@ def permute(w, n_heads):
 
 
 def hf_name(meta_key):
-    """"layers.3.attention.wq.weight" -> "model.layers.3.self_attn.q_proj.weight"; "output.weight" -> "lm_head.weight"."""
+    """'layers.3.attention.wq.weight' -> 'model.layers.3.self_attn.q_proj.weight'; 'output.weight' -> 'lm_head.weight'."""
     stem = meta_key.removesuffix(".weight")
     if stem.startswith("layers."):
         _, i, rest = stem.split(".", 2)
@@ -322,7 +333,8 @@ def hf_config(model, tok, dtype):
     return dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=a.dim,
                 intermediate_size=a.hidden_dim, num_hidden_layers=a.n_layers, num_attention_heads=a.n_heads,
                 num_key_value_heads=a.kv_heads, head_dim=a.head_dim, vocab_size=a.vocab_size, rms_norm_eps=a.norm_eps,
-                rope_theta=a.rope_theta, rope_scaling=None, hidden_act="silu", attention_bias=False, mlp_bias=False,
+                rope_theta=a.rope_theta, hidden_act="silu", attention_bias=False, mlp_bias=False,
+                rope_scaling={**a.rope_scaling, "rope_type": "llama3"} if a.rope_scaling else None,
                 tie_word_embeddings=a.tie_embeddings, max_position_embeddings=a.max_seq_len, bos_token_id=tok.bos_id,
                 eos_token_id=tok.eos_id, torch_dtype=str(dtype).removeprefix("torch."))
 

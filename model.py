@@ -30,6 +30,7 @@ class ModelArgs:
     ffn_dim_multiplier: Optional[float] = None
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None  # Llama-3.1's: factor, low/high_freq_factor, original_max_position_embeddings
     # Runtime fields (not part of Meta's params.json, except tie_embeddings which we record when it is true).
     max_seq_len: int = 4096
     dropout: float = 0.0  # on both residual branches; Llama-2 itself uses none
@@ -69,13 +70,19 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
-def rope_angles(positions, head_dim, theta):
+def rope_angles(positions, head_dim, theta, scaling=None):
     """The rotary factors e^(i pos theta^(-2i/hd)), i < hd/2, as fp32 complex numbers: (B, T, 1, hd/2).
 
     Computed from explicit positions on every call (no buffer): positions need not be contiguous (infilling encodes
-    context at 0..L-1 and L+n.., then decodes the gap), and a model cast to bf16 keeps fp32 angles.
+    context at 0..L-1 and L+n.., then decodes the gap), and a model cast to bf16 keeps fp32 angles. Llama-3's
+    `scaling` stretches the long wavelengths by `factor`, keeps the short ones and blends the band between.
     """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
+    if scaling:
+        wavelength = 2 * math.pi / inv_freq  # (hd/2,); 0 = stretched (long), 1 = kept (short), blended between
+        kept = (scaling["original_max_position_embeddings"] / wavelength - scaling["low_freq_factor"]) / \
+            (scaling["high_freq_factor"] - scaling["low_freq_factor"])
+        inv_freq = (1 - kept.clamp(0, 1)) * inv_freq / scaling["factor"] + kept.clamp(0, 1) * inv_freq
     angles = positions.float()[..., None] * inv_freq  # (B, T, hd/2)
     return torch.complex(angles.cos(), angles.sin())[:, :, None, :]  # (B, T, 1, hd/2), broadcast over heads
 
@@ -217,7 +224,7 @@ class Transformer(nn.Module):
             raise ValueError(f"position {int(positions.max())} is beyond max_seq_len={self.args.max_seq_len}")
         k_roles, k_pos = cache.extend(roles, positions) if cache is not None else (roles, positions)
         mask, is_causal = plan_attention(roles, positions, k_roles, k_pos, cached=cache is not None)
-        rope = rope_angles(positions, self.args.head_dim, self.args.rope_theta)
+        rope = rope_angles(positions, self.args.head_dim, self.args.rope_theta, self.args.rope_scaling)
         attn = (mask, is_causal, self.args.attn_backend, attn_dropout if self.training else 0.0, noise_rows)
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:

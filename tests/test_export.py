@@ -105,3 +105,43 @@ def test_a_bad_export_is_refused_and_nothing_is_written(trained, tmp_path):
     with pytest.raises(CheckpointError, match="no tokenizer beside it"):
         convert.export_hf(tmp_path / "lonely.pth", tmp_path / "hf")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lonely.pth", "other.pt", "taken"]
+
+
+def test_llama3_rope_scaling_matches_transformers(toy_files, tmp_path):
+    """Llama-3.1's RoPE scaling, from an HF config.json (transformers >= 5 writes it as rope_parameters): our logits
+    equal transformers' over 200 positions of a config whose original context is 32 (so the scaling matters); the
+    context length comes along (magnet.json) and is enforced; the export carries both back out."""
+    transformers = pytest.importorskip("transformers", reason="the check is transformers' own Llama")
+    scaling = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32)
+    config = transformers.LlamaConfig(vocab_size=toy_files[2].vocab_size, hidden_size=64, intermediate_size=176,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=256, rope_theta=500000.0, tie_word_embeddings=False,
+                                      rope_scaling=dict(rope_type="llama3", **scaling))
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(config).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    shutil.copyfile(toy_files[2].path, tmp_path / "hf" / "tokenizer.model")
+    convert.convert(tmp_path / "hf", tmp_path / "meta")
+    ours = load_checkpoint(tmp_path / "meta").eval()
+    assert ours.args.rope_scaling == scaling and ours.args.max_seq_len == 256
+    tokens = torch.randint(0, toy_files[2].vocab_size, (1, 200))
+    torch.testing.assert_close(logits(ours, tokens), logits(hf, tokens), rtol=0, atol=1e-4)
+    unscaled = load_checkpoint(tmp_path / "meta", rope_scaling=None).eval()
+    assert (logits(unscaled, tokens) - logits(hf, tokens)).abs().max() > 1e-3  # without it, they part
+    with pytest.raises(ValueError, match="beyond max_seq_len=256"):
+        ours(torch.zeros(1, 257, dtype=torch.long))
+    convert.export_hf(tmp_path / "meta", tmp_path / "hf2")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf2", dtype=torch.float32).eval()
+    torch.testing.assert_close(logits(again, tokens), logits(hf, tokens), rtol=0, atol=1e-4)
+
+
+def test_meta_llama3_params_say_use_scaled_rope(tmp_path):
+    """Meta's Llama-3.1 params.json marks its scaling "use_scaled_rope": true (factor 8, original context 8192):
+    read as such, and written back the same way, so Meta's own code reads our exports."""
+    from checkpoint import LLAMA3_SCALING
+    model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=64, multiple_of=16,
+                                  rope_scaling=dict(LLAMA3_SCALING)))
+    save_checkpoint(model, tmp_path / "meta")
+    params = json.loads((tmp_path / "meta" / "params.json").read_text())
+    assert params["use_scaled_rope"] is True and "rope_scaling" not in params
+    assert load_checkpoint(tmp_path / "meta").args.rope_scaling == LLAMA3_SCALING

@@ -310,7 +310,7 @@ def test_clear_errors_for_bad_meta_checkpoints(tmp_path):
     (tmp_path / "ok" / "params.json").write_text(json.dumps({**params, "dim": 48}))
     with pytest.raises(CheckpointError, match=r"attention\.wk\.weight has shape \(16, 32\).*implies \(24, 48\)"):
         load_checkpoint(tmp_path / "ok")
-    (tmp_path / "ok" / "params.json").write_text(json.dumps({**params, "use_scaled_rope": True}))
+    (tmp_path / "ok" / "params.json").write_text(json.dumps({**params, "moe_num_experts": 8}))
     with pytest.raises(CheckpointError, match="unsupported key"):
         load_checkpoint(tmp_path / "ok")
     for bad, message in (('{"dim": "64"}', r"bad value\(s\) dim='64'"), ('{"n_heads": 0}', "n_heads=0"),
