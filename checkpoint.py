@@ -305,7 +305,8 @@ def read_export_settings(directory):
     """magnet.json beside a merged export (train.py writes the EXPORT_SETTINGS there); {} for a plain base model."""
     path = Path(directory) / "magnet.json"
     settings = read_json_object(path, f"the settings {EXPORT_SETTINGS}") if path.is_file() else {}
-    if set(settings) - set(EXPORT_SETTINGS):
+    if set(settings) - set(EXPORT_SETTINGS) or not (type(settings.get("max_seq_len", 1)) is int
+                                                    and settings.get("max_seq_len", 1) > 0):
         raise CheckpointError(f"{path}: expected the settings {EXPORT_SETTINGS} a model was trained with, got "
                               f"{settings!r}")
     return settings

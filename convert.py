@@ -10,11 +10,13 @@ tokenizer_config.json). Tensors are read one at a time (memory-mapped), in the t
 copy of the model. A failure leaves nothing half-written. The optional packages are imported only when needed.
 """
 import argparse
+import glob
 import importlib
 import json
 import math
 import os
 import shutil
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -272,12 +274,13 @@ def convert(src, out, overwrite=False, dtype="auto", tokenizer=None):
         if got != expected.get(key):
             raise CheckpointError(f"{src}: {key} is {got} but its config implies {expected.get(key, 'no such tensor')}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    for leftover in out.parent.glob(f".{out.name}.converting.*"):  # a killed conversion's: as large as the model
-        pid = leftover.name.split(".")[-2]
+    here = f"{socket.gethostname()}-"  # a conversion on another machine sharing the disk is never taken for dead
+    for leftover in out.parent.glob(f".{glob.escape(out.name)}.converting.{glob.escape(here)}*"):  # a killed one's
+        pid = leftover.name[len(f".{out.name}.converting.{here}"):].split(".")[0]
         if not pid.isdigit() or not process_alive(int(pid)):
             print(f"convert.py: removing {leftover}, left by an interrupted conversion", file=sys.stderr)
             shutil.rmtree(leftover, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.converting.{os.getpid()}.", dir=out.parent))  # same file system
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.converting.{here}{os.getpid()}.", dir=out.parent))  # same fs
     try:
         tmp.chmod(0o755)
         torch.save(state, tmp / "consolidated.00.pth")
@@ -308,7 +311,7 @@ def permute(w, n_heads):
 
 
 def hf_name(meta_key):
-    """'layers.3.attention.wq.weight' -> 'model.layers.3.self_attn.q_proj.weight'; 'output.weight' -> 'lm_head.weight'."""
+    """Meta's name of a weight as HF's: 'layers.3.attention.wq.weight' -> 'model.layers.3.self_attn.q_proj.weight'."""
     stem = meta_key.removesuffix(".weight")
     if stem.startswith("layers."):
         _, i, rest = stem.split(".", 2)
@@ -413,7 +416,8 @@ def export_hf(src, out, tokenizer=None, adapter=None, merge=False, overwrite=Fal
         state = merged_state_dict(model, torch.float32)
     state = {k: v.to(DTYPES[dtype]) for k, v in state.items()}
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.converting.{os.getpid()}.", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.converting.{socket.gethostname()}-{os.getpid()}.",
+                                dir=out.parent))
     try:
         tmp.chmod(0o755)
         save_safetensors(to_hf_state(model, state), tmp)

@@ -3,8 +3,6 @@ from deep inside a forward pass."""
 import math
 import numbers
 
-import torch
-
 
 def check_arguments(texts, counts, temperature=0.0, top_p=1.0, seed=0):
     """`texts` ({name: value}) must be str, `counts` ints > 0, the sampling settings numbers in range."""
@@ -25,7 +23,7 @@ def check_arguments(texts, counts, temperature=0.0, top_p=1.0, seed=0):
 
 def token_ids(ids, name, tok):
     """A list of token ids of the tokenizer `tok`, from a list or a 1-D tensor of them."""
-    ids = ids.tolist() if torch.is_tensor(ids) else ids
+    ids = ids.tolist() if hasattr(ids, "tolist") else ids  # a tensor or a numpy array
     if not isinstance(ids, (list, tuple)) or not all(
             isinstance(i, numbers.Integral) and not isinstance(i, bool) and 0 <= i < tok.vocab_size for i in ids):
         raise ValueError(f"{name} must be token ids in [0, {tok.vocab_size}) (a list, or a 1-D tensor), got "

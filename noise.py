@@ -36,6 +36,8 @@ def dropout(x, p, rows=None):
         pos = dropped_positions(x.numel(), p, x.device)
     else:
         index, n = rows
+        if len(index) != x.shape[0]:
+            raise ValueError(f"rows: {len(index)} row indices for a tensor of {x.shape[0]} rows")
         per_row = x[0].numel()
         pos = dropped_positions(n * per_row, p, x.device)  # (k,) in the whole batch
         local_row = torch.full((n,), -1, dtype=torch.long, device=x.device)

@@ -7,6 +7,7 @@ swapped in by renames. Result files are written to a temporary name and renamed,
 (commit, machine).
 """
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -55,6 +56,7 @@ def barrier():
 
 
 RUN_MARKER = ".magnet_run"  # written first into a run directory: it tells a run from a directory of the user's
+LOCK_FILE = ".magnet_lock"  # in the run directory, flock'ed while a process trains there (opened for writing: NFS)
 RUN_ENTRIES = (RUN_MARKER, "config.json", "config.json.tmp", "log.jsonl", "log.jsonl.tmp", "ckpt", "ckpt.tmp",
                "ckpt.old", "adapter.pt", "adapter.pt.tmp", "merged", "toy", "base")  # all a run writes in its
 # directory, and so all that --overwrite may replace
@@ -65,13 +67,26 @@ def remove(path):
     shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
+def is_run(out):
+    return (out / RUN_MARKER).exists() or ((out / "log.jsonl").is_file() and (out / "config.json").is_file())
+
+
 @contextlib.contextmanager
 def exclusive_run_dir(out, overwrite, resume, rank=0, world=1):
-    """The run directory `out`, for this run alone. Its directory is locked (flock, so a second process is refused
-    whatever path it names it by, and nothing is left behind). An existing run, or a non-empty directory that is not
-    a run, is refused without --overwrite; with it, the entries a run writes (RUN_ENTRIES, nothing else) are moved
-    aside to OUT.replaced until the new run has finished or stopped at stop_at, and put back if it fails."""
-    aside, held = out.with_name(out.name + ".replaced"), {}  # held: rank 0's lock and the moves it made
+    """The run directory `out`, for this run alone: a lock file in it (LOCK_FILE) is held while the run lives, so a
+    second process is refused whatever path it names the directory by. An existing run, or a non-empty directory that
+    is not a run, is refused without --overwrite; with it, the entries a run writes (RUN_ENTRIES, nothing else) are
+    moved aside to OUT.replaced until the new run has finished or stopped at stop_at, and put back if it fails."""
+    held = {}  # rank 0's: the lock, OUT.replaced (beside the real directory) and the moves made into it
+
+    def refuse_foreign():
+        if out.is_dir() and not is_run(out) and not overwrite and any(p.name != LOCK_FILE for p in out.iterdir()):
+            raise ConfigError(f"{out} exists and is not a train.py run; pass --overwrite=true to replace it (it is "
+                              "kept until the new run has finished), or another --out_dir")
+
+    def move(src, dst):  # recorded first: an interruption between the two leaves nothing unaccounted for
+        held.setdefault("moved", []).append((src, dst))
+        src.rename(dst)
 
     def restore():
         for entry in RUN_ENTRIES:  # what the failed run wrote
@@ -80,50 +95,60 @@ def exclusive_run_dir(out, overwrite, resume, rank=0, world=1):
         for src, dst in reversed(held.pop("moved", [])):
             if src == out and out.is_dir():  # a file the user had at out_dir: the run's directory goes
                 shutil.rmtree(out)
-            dst.rename(src)
-        if aside.is_dir() and not any(aside.iterdir()):
-            aside.rmdir()
+            if dst.exists() or dst.is_symlink():
+                dst.rename(src)
+        if held["aside"].is_dir() and not any(held["aside"].iterdir()):
+            held["aside"].rmdir()
 
     def acquire():
-        if aside.exists():
-            raise ConfigError(f"{aside} holds the run that an interrupted --overwrite was replacing: move it back "
-                              f"to {out} or delete it")
+        refuse_foreign()  # before anything is written into a directory of the user's
         if out.exists() and not out.is_dir():
             if not overwrite:
                 raise ConfigError(f"{out} exists and is not a train.py run; pass --overwrite=true to replace it (it "
                                   "is kept until the new run has finished), or another --out_dir")
-            out.rename(aside)
-            held["moved"] = [(out, aside)]
+            held["aside"] = out.with_name(out.name + ".replaced")
+            if held["aside"].exists():
+                raise ConfigError(f"{held['aside']} holds what an interrupted --overwrite was replacing: move it "
+                                  f"back to {out} or delete it")
+            move(out, held["aside"])
         created = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
-        held["lock"] = os.open(out, os.O_RDONLY)  # released when this process ends, however it ends
+        real = out.resolve()
+        held.setdefault("aside", real.with_name(real.name + ".replaced"))
+        held["lock"] = open(real / LOCK_FILE, "a")  # released when this process ends, however it ends
         try:
-            fcntl.flock(held["lock"], fcntl.LOCK_EX | fcntl.LOCK_NB)
-            check_and_move_aside()
-        except BaseException as e:
-            os.close(held.pop("lock"))
-            if created:
-                out.rmdir()
-            restore() if held.get("moved") else None
-            if isinstance(e, BlockingIOError):
+            try:
+                fcntl.flock(held["lock"], fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
                 raise ConfigError(f"{out}: another process is running in it") from None
+            check_and_move_aside()
+        except BaseException:
+            held.pop("lock").close()
+            if created:
+                (real / LOCK_FILE).unlink()
+                real.rmdir()
+            restore() if held.get("moved") else None
             raise
         (out / RUN_MARKER).write_text("a train.py run directory: --overwrite=true may replace what it wrote\n")
 
     def check_and_move_aside():
-        ours = (out / RUN_MARKER).exists() or ((out / "log.jsonl").is_file() and (out / "config.json").is_file())
-        if not ours and not overwrite and any(out.iterdir()):
-            raise ConfigError(f"{out} exists and is not a train.py run; pass --overwrite=true to replace it (it is "
-                              "kept until the new run has finished), or another --out_dir")
-        if ours and (out / "log.jsonl").exists() and not (resume or overwrite):
+        aside = held["aside"]
+        if aside.exists() and not held.get("moved"):
+            raise ConfigError(f"{aside} holds the run that an interrupted --overwrite was replacing: move it back "
+                              f"to {out} or delete it")
+        trash = aside.with_name(f".{aside.name}.deleting")
+        if trash.exists():  # what a finished --overwrite was deleting when it was stopped
+            print(f"removing {trash}, left by an interrupted clean-up", file=sys.stderr)
+            shutil.rmtree(trash)
+        refuse_foreign()
+        if is_run(out) and (out / "log.jsonl").exists() and not (resume or overwrite):
             raise ConfigError(f"{out} already holds a run; pass --resume=true to continue it, --overwrite=true to "
                               "start over, or another --out_dir")
         theirs = [out / e for e in RUN_ENTRIES if (out / e).exists() or (out / e).is_symlink()]
         if overwrite and not resume and theirs:
             aside.mkdir()
             for entry in theirs:
-                entry.rename(aside / entry.name)
-                held.setdefault("moved", []).append((entry, aside / entry.name))
+                move(entry, aside / entry.name)
 
     try:
         rank0_first(lambda: acquire() if rank == 0 else None, rank, world)
@@ -133,11 +158,14 @@ def exclusive_run_dir(out, overwrite, resume, rank=0, world=1):
             restore()
             print(f"the run this one was replacing is back in {out}", file=sys.stderr)
         raise
+    else:
+        if held.get("moved"):  # the new run is in place: delete the old one, renamed first so that a stop midway
+            trash = held["aside"].with_name(f".{held['aside'].name}.deleting")  # leaves no half of it behind
+            held["aside"].rename(trash)
+            remove(trash)
     finally:
         if "lock" in held:
-            os.close(held.pop("lock"))
-    if held.get("moved"):
-        remove(aside)
+            held.pop("lock").close()
 
 
 MAY_CHANGE_ON_RESUME = {"out_dir", "resume", "overwrite", "stop_at", "max_iters", "lr", "min_lr", "warmup_iters",
@@ -163,15 +191,14 @@ def check_resume(out, settings):
                           f"{', '.join(sorted(MAY_CHANGE_ON_RESUME))} may change. Start a new run in another --out_dir")
 
 
-def file_identity(path, sample=1 << 20):
-    """What a data file is, cheaply even for a large corpus: its size and a hash of its first, middle and last MiB
-    (so of all of it up to 3 MiB)."""
-    size, digest = path.stat().st_size, hashlib.sha256()
+def file_identity(path):
+    """What a data file is: its size and the hash of all of it (read in pieces; the corpus is read whole anyway, to
+    tokenize or to find its token cache)."""
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for offset in sorted({0, max(0, size // 2 - sample // 2), max(0, size - sample)}):
-            f.seek(offset)
-            digest.update(f.read(sample))
-    return f"{size} bytes, sha256 {digest.hexdigest()[:16]}"
+        while piece := f.read(1 << 24):
+            digest.update(piece)
+    return f"{path.stat().st_size} bytes, sha256 {digest.hexdigest()[:16]}"
 
 
 def start_log(out, settings, start):
@@ -274,7 +301,7 @@ def write_result(path, report, overwrite=False):
     """The report as JSON, written to a temporary name and then put in place: never a half-written file under `path`,
     and, without `overwrite`, never over a file, not even one that appeared while the report was being made."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # this process's own: writers never share one
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     if overwrite:
         tmp.replace(path)
@@ -284,8 +311,10 @@ def write_result(path, report, overwrite=False):
     except FileExistsError:
         raise ConfigError(f"--out={path} appeared while this ran; the new results are in {tmp} (pass "
                           "--overwrite=true to replace a file)") from None
-    except OSError:  # a file system without hard links: check, then rename
-        if path.exists():
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+        if path.exists():  # a file system without hard links: check, then rename
             raise ConfigError(f"--out={path} appeared while this ran; the new results are in {tmp}") from None
         tmp.replace(path)
         return

@@ -8,10 +8,11 @@ r"""Train MAGNET: one script from a laptop demo to Llama-2-7B on many GPUs.
 Without RANK in the environment it runs as one process; under torchrun it shards the model with FSDP2 (nccl on
 CUDA, gloo on CPU), even with one process. Every rank builds the global batch of a step from (seed, step) and keeps
 its own slice, and the token-mean losses are normalised by the global target count, so N processes follow the same
-loss curve as one process with the same global batch (in fp32 to float rounding, with LoRA and SSCL dropout off:
-their noise is drawn per rank). Checkpoints hold the trainable state and the optimizer; the data position and the
-random streams are functions of the step, so resuming replays the uninterrupted run exactly. The run directory's
-safety (one process at a time, nothing replaced unless asked, crash-proof checkpoints) is runs.py's.
+loss curve as one process with the same global batch (in fp32 to float rounding): every dropout is drawn for the
+whole batch on every rank, each keeping its own rows (noise.py). Checkpoints hold the trainable state and the
+optimizer; the data position and the random streams are functions of the step, so resuming replays the
+uninterrupted run exactly. The run directory's safety (one process at a time, nothing replaced unless asked,
+crash-proof checkpoints) is runs.py's.
 """
 import datetime
 import json
@@ -307,7 +308,8 @@ def export(out, model, full, tok, cfg, rank):
 def run_settings(cfg):
     """What defines a run, saved as its config.json: the config, and what the data files are (runs.check_resume)."""
     files = [] if cfg.data == "toy" else cfg.data.split(",")  # the toy world is made anew from the seed
-    return {**asdict(cfg), "data_files": {p: runs.file_identity(Path(p)) for p in files + [cfg.pairs] if p}}
+    files += [cfg.pairs, cfg.tokenizer]
+    return {**asdict(cfg), "data_files": {p: runs.file_identity(Path(p)) for p in files if p}}
 
 
 def pretrain_base(cfg, rank, world, device):

@@ -1,5 +1,6 @@
 """convert.py: GGUF and Hugging Face checkpoints in, byte-level BPE tokenizers (data.Tokenizer on tokenizer.json)."""
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -302,7 +303,7 @@ def test_bad_inputs(toy_files, tmp_path):
         refused(tmp_path / "hf", out, rf"hf/config\.json: {key} is .*expected a plain Llama")  # names the key
     (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
 
-    killed = out.parent / ".meta.converting.999999999.x1y2"  # what a conversion killed mid-write leaves
+    killed = out.parent / f".meta.converting.{socket.gethostname()}-999999999.x1y2"  # a killed conversion's
     killed.mkdir()
     (killed / "consolidated.00.pth").write_bytes(b"half")
     convert.convert(tmp_path / "hf", out)  # good input; then OUT_DIR holds a checkpoint

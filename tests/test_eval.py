@@ -326,4 +326,5 @@ def test_an_out_file_that_appears_during_the_run_is_not_replaced(tiny_ckpt, tmp_
     monkeypatch.setitem(ev.SUITE_FUNCTIONS, "ppl", meanwhile)
     code, res = run([f"--ckpt={tiny_ckpt}", "--suite=ppl", "--limit=4", f"--out={out}"], capsys)
     assert code == 1 and "appeared while this ran" in res.err and out.read_text() == "theirs"
-    assert "| ppl | ppl |" in res.out and json.loads((tmp_path / "r.json.tmp").read_text())["results"]
+    kept, = tmp_path.glob(".r.json.*.tmp")  # this run's results, named in the message
+    assert str(kept) in res.err and "| ppl | ppl |" in res.out and json.loads(kept.read_text())["results"]

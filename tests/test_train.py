@@ -452,14 +452,11 @@ def test_one_process_per_run_directory_and_damaged_logs(setup, capsys):
     out = d / "locked"
     run_main(common + ["--max_iters=4", "--stop_at=2", f"--out_dir={out}"])
     (d / "alias").symlink_to(out)
-    other = os.open(out, os.O_RDONLY)  # as if a second process were training in it
-    try:
+    with open(out / runs.LOCK_FILE, "a") as other:  # as if a second process were training in it
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
         for name in (out, d / "alias"):  # by any path: the lock is the directory's own
             assert train.main(common + ["--max_iters=4", "--resume=true", f"--out_dir={name}"]) == 1
             assert f"{name.name}: another process is running in it" in capsys.readouterr().err
-    finally:
-        os.close(other)
     assert not list(d.glob("*.lock"))  # a refused run leaves nothing behind
     with open(out / "log.jsonl", "a") as log:
         log.write("3086}\n")
@@ -538,7 +535,7 @@ def test_the_prepared_gpu_check_runs(tmp_path):
     assert all(f"step {i}:" in plain for i in range(3)) and "step 3:" not in plain
 
 
-def test_a_run_replaces_only_what_it_wrote(setup):
+def test_a_run_replaces_only_what_it_wrote(setup, monkeypatch):
     """--overwrite moves aside (and, once the new run has finished, deletes) only the entries a run writes: a model
     converted into the run directory, or any other file of the user's, stays byte for byte."""
     d, common = setup
@@ -550,6 +547,10 @@ def test_a_run_replaces_only_what_it_wrote(setup):
     run_main(common + ["--max_iters=2", "--overwrite=true", f"--out_dir={out}"])
     assert len(losses(out)) == 2 and not (d / "shared-dir.replaced").exists()
     assert (out / "smollm2" / "params.json").read_text() == '{"dim": 576}' and (out / "notes.txt").read_text() == "mine"
+    before = snapshot(out)  # and a replacement that fails puts the old run back beside them, byte for byte
+    monkeypatch.setattr(train, "train_step", lambda *a: (_ for _ in ()).throw(train.TrainingError("spike")))
+    assert train.main(common + ["--max_iters=3", "--overwrite=true", f"--out_dir={out}"]) == 1  # fails at step 0
+    assert snapshot(out) == before and not (d / "shared-dir.replaced").exists()
 
 
 def test_the_kept_log_is_on_disk_before_the_first_resumed_step(tmp_path):
@@ -598,9 +599,10 @@ def test_the_demo_runs_after_the_run_is_safe(tmp_path, capsys, monkeypatch):
     with pytest.raises(ValueError, match="max_seq_len is 64"):
         merged.generate("Mia found a", 100)
     monkeypatch.setattr(train.toy, "demo", lambda *a: (_ for _ in ()).throw(ValueError("demo failed")))
-    assert train.main(args + [f"--out_dir={tmp_path / 'demo-fails'}"]) == 1
-    assert "demo failed" in capsys.readouterr().err
-    assert (tmp_path / "demo-fails" / "merged" / "params.json").exists() and len(losses(tmp_path / "demo-fails")) == 2
+    assert train.main(args + ["--max_iters=3", "--overwrite=true", f"--out_dir={tmp_path / 'ok'}"]) == 1
+    assert "demo failed" in capsys.readouterr().err  # replacing a run: the new, finished one stays, the old is gone
+    assert (tmp_path / "ok" / "merged" / "params.json").exists() and len(losses(tmp_path / "ok")) == 3
+    assert not list(tmp_path.glob("*replaced*"))
 
 
 def test_phase_1_is_validated_as_well(tmp_path, capsys):
