@@ -26,7 +26,7 @@ import torch
 from checkpoint import (LLAMA3_SCALING, CheckpointError, check_params, copy_tokenizer, load_adapter, load_checkpoint,
                         merged_state_dict, read_json_object, tokenizer_beside)
 from data import Tokenizer
-from model import ModelArgs, Transformer
+from model import ModelArgs, Transformer, rope_angles
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WRITTEN = {"params.json", "consolidated.00.pth", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
@@ -103,10 +103,13 @@ def read_gguf(path: Path, dtype, own_tokenizer):
     if own_tokenizer and (model != "gpt2" or pre not in ("smollm", "starcoder", "gpt-2")):
         raise CheckpointError(f"{path}: cannot rebuild tokenizer {model!r} (pre-tokenizer {pre!r}); only 'gpt2' with "
                               "'smollm', 'starcoder' or 'gpt-2'; pass --tokenizer=FILE with the model's own")
-    state = {}
+    state, rope_factors = {}, None
     for t in reader.tensors:
         name = meta_name(t.name, GGUF_TOP, GGUF_BLOCK, "blk")
-        if name is None:  # e.g. rope_freqs.weight (Llama-3.1's scaled RoPE)
+        if t.name == "rope_freqs.weight":  # Llama-3.1's scaled RoPE, as llama.cpp stores it: a divisor per frequency
+            rope_factors = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).reshape(-1).copy())
+            continue
+        if name is None:
             raise CheckpointError(f"{path}: unexpected tensor {t.name!r} (not one of a plain Llama's)")
         try:
             w = gguf.quants.dequantize(t.data, t.tensor_type)  # float32 numpy, (rows, row length)
@@ -122,7 +125,22 @@ def read_gguf(path: Path, dtype, own_tokenizer):
                   rope_theta=float(f"{meta.get('llama.rope.freq_base', 10000.0):.7g}"))
     if meta.get("llama.context_length"):  # the context it was made for: kept beside, in magnet.json
         params["max_seq_len"] = int(meta["llama.context_length"])
+    if rope_factors is not None:
+        params["rope_scaling"] = llama3_scaling(rope_factors, dim // heads, params["rope_theta"],
+                                                meta.get("llama.rope.scaling.original_context_length", 8192), path)
     return params, state, lambda out: gguf_tokenizer(reader, meta, out)
+
+
+def llama3_scaling(factors, head_dim, theta, original_context, source):
+    """Llama-3's RoPE scaling from llama.cpp's per-frequency divisors: the factor is the largest of them, the other
+    settings Llama-3.1's published ones; refused unless they give back every divisor."""
+    scaling = {**LLAMA3_SCALING, "factor": float(factors.max()), "original_max_position_embeddings": original_context}
+    one = torch.ones(1, 1)  # position 1: the angles are the frequencies themselves
+    plain, scaled = (rope_angles(one, head_dim, theta, s)[0, 0, 0].angle() for s in (None, scaling))
+    if factors.shape != plain.shape or not torch.allclose(plain / scaled, factors, rtol=1e-4):
+        raise CheckpointError(f"{source}: rope_freqs.weight is not Llama-3's RoPE scaling (factor "
+                              f"{scaling['factor']:g}, original context {original_context})")
+    return scaling
 
 
 def gguf_tokenizer(reader, meta, out: Path):

@@ -203,8 +203,9 @@ def k_quant_bytes(shape, qtype, rng):
     return blocks.reshape(shape[0], -1)
 
 
-def write_gguf(model, path, arch="llama", bad_type=None, tokenizer=False):
-    """A GGUF of `model` as llama.cpp lays it out; returns the weights it holds, dequantized (Meta names)."""
+def write_gguf(model, path, arch="llama", bad_type=None, tokenizer=False, rope_divisors=None):
+    """A GGUF of `model` as llama.cpp lays it out; returns the weights it holds, dequantized (Meta names).
+    rope_divisors: Llama-3's scaled RoPE as llama.cpp writes it, a rope_freqs tensor (with the original context)."""
     a, rng, held = model.args, np.random.default_rng(0), {}
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(a.n_layers)
@@ -216,6 +217,9 @@ def write_gguf(model, path, arch="llama", bad_type=None, tokenizer=False):
     w.add_rope_freq_base(a.rope_theta)
     if tokenizer:
         w.add_tokenizer_model("llama")  # SentencePiece: convert.py cannot rebuild it
+    if rope_divisors is not None:
+        w.add_rope_scaling_orig_ctx_len(a.rope_scaling["original_max_position_embeddings"])
+        w.add_tensor("rope_freqs.weight", rope_divisors)
     for name, p in model.state_dict().items():
         parts = name.split(".")
         key = ".".join(parts[2:-1]) if parts[0] == "layers" else parts[0]
@@ -346,3 +350,30 @@ def test_setting_c_recipe_runs_a_few_steps(smollm2, tmp_path):
     assert len(log) == 2 and all(np.isfinite(r["sscl"]) for r in log)
     m = Magnet.load(merged, merged / "tokenizer.json", adapter=tmp_path / "simcse" / "adapter.pt")
     assert m.pooling == "mean" and m.encode(["A man is playing a guitar."]).shape == (1, 576)
+
+
+def llama3_divisors(head_dim, theta, factor, low, high, context):
+    """llama.cpp's rope_freqs for Llama-3.1's scaling, in float64 from the published rule: frequencies of wavelength
+    above context/low are divided by factor, below context/high kept, and blended between."""
+    out = []
+    for freq in 1 / theta ** (np.arange(0, head_dim, 2) / head_dim):
+        wavelength = 2 * np.pi / freq
+        smooth = (context / wavelength - low) / (high - low)
+        out.append(1.0 if wavelength < context / high else factor if wavelength > context / low else
+                   1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+def test_gguf_llama3_rope_scaling_comes_from_rope_freqs(toy_files, tmp_path):
+    scaling = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=400)
+    model = tiny_model(toy_files[2].vocab_size, dim=256, n_heads=4, n_kv_heads=2, ffn_dim_multiplier=None,
+                       multiple_of=256, rope_theta=500000.0, rope_scaling=scaling)
+    divisors = llama3_divisors(64, 500000.0, 8.0, 1.0, 4.0, 400)
+    assert divisors[0] == 1.0 and 1.0 < divisors[8] < 8.0 and divisors[-1] == 8.0  # all three bands occur
+    model.load_state_dict(write_gguf(model, tmp_path / "l3.gguf", rope_divisors=divisors))  # as quantized
+    convert.convert(tmp_path / "l3.gguf", tmp_path / "meta", tokenizer=toy_files[2].path)
+    assert load_checkpoint(tmp_path / "meta").args.rope_scaling == scaling
+    same_logits(model, tmp_path / "meta")
+    write_gguf(model, tmp_path / "other.gguf", rope_divisors=divisors * np.linspace(1, 1.5, 32, dtype=np.float32))
+    refused(tmp_path / "other.gguf", tmp_path / "meta2", r"rope_freqs\.weight is not Llama-3's RoPE scaling",
+            tokenizer=toy_files[2].path)
