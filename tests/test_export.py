@@ -145,3 +145,17 @@ def test_meta_llama3_params_say_use_scaled_rope(tmp_path):
     params = json.loads((tmp_path / "meta" / "params.json").read_text())
     assert params["use_scaled_rope"] is True and "rope_scaling" not in params
     assert load_checkpoint(tmp_path / "meta").args.rope_scaling == LLAMA3_SCALING
+
+
+def test_the_real_stories260k_goes_out_tied(tmp_path):
+    """A llama2.c .bin with a tied output layer: HF's tie_word_embeddings, no lm_head stored; transformers' logits
+    are the real model's."""
+    from conftest import shared_file
+    transformers = pytest.importorskip("transformers", reason="the check is transformers' own Llama")
+    bin_path, tok = shared_file("assets/stories260K/stories260K.bin"), shared_file("assets/stories260K/tok512.model")
+    config = convert.export_hf(bin_path, tmp_path / "hf", tokenizer=tok)
+    assert config["tie_word_embeddings"] and config["max_position_embeddings"] == 512
+    assert "lm_head.weight" not in safetensors_torch.load_file(tmp_path / "hf" / "model.safetensors")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    tokens = torch.randint(0, 512, (2, 64))
+    torch.testing.assert_close(logits(hf, tokens), logits(load_checkpoint(bin_path).eval(), tokens), rtol=0, atol=1e-4)
