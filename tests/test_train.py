@@ -521,7 +521,8 @@ def test_the_prepared_gpu_check_runs(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(["bash", str(ROOT / "gpu_check.sh"), str(out)], cwd=ROOT, capture_output=True, text=True,
                           env=fresh_env(DEVICE="cpu", QUICK="1", RUN_DIR=str(tmp_path / "run"),
-                                        SKIP_HF="0" if has_hf else "1"), timeout=300)
+                                        SKIP_HF="0" if has_hf else "1",  # and the script runs this Python:
+                                        PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}"), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     step = json.loads((out / "bench_7b.json").read_text())["results"]["magnet"][0]
     assert step["tokens_per_s"] > 0 and step["mfu_percent"] > 0
