@@ -23,7 +23,8 @@ class CheckpointError(ValueError):
 
 PARAMS_JSON_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
                       "ffn_dim_multiplier", "norm_eps", "rope_theta", "rope_scaling", "tie_embeddings")
-# Meta's Llama-3.1 params.json says "use_scaled_rope": true (and, for other factors, "rope_scaling_factor"): this
+# Meta's Llama-3.1 params.json says "use_scaled_rope": true, which means this (another factor is written as
+# "rope_scaling_factor", which only Meta's newer code reads):
 LLAMA3_SCALING = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
 INT_PARAMS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of")
 
@@ -219,6 +220,10 @@ def load_checkpoint(path, device="cpu", dtype=None, vocab_size=None, **overrides
         raise CheckpointError(f"{path}: no such checkpoint (expected a Meta directory or a llama2.c .bin file)")
     if params.pop("use_scaled_rope", False):  # Meta's Llama-3.1 / 3.2
         params["rope_scaling"] = {**LLAMA3_SCALING, "factor": params.pop("rope_scaling_factor", 8.0)}
+    if isinstance(params.get("rope_scaling"), dict) and "max_seq_len" not in overrides:  # the context it stretches to
+        scaling = params["rope_scaling"]
+        overrides["max_seq_len"] = int(scaling.get("original_max_position_embeddings", 0) * scaling.get("factor", 0)) \
+            or ModelArgs.max_seq_len
     unknown = set(params) - set(PARAMS_JSON_FIELDS)  # a setting not written here would change the numerics
     if unknown:
         raise CheckpointError(f"{source}: unsupported key(s) {sorted(unknown)}; known: {list(PARAMS_JSON_FIELDS)}")

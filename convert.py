@@ -11,6 +11,7 @@ copy of the model. A failure leaves nothing half-written. The optional packages 
 """
 import argparse
 import glob
+import re
 import importlib
 import json
 import math
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import (LLAMA3_SCALING, CheckpointError, check_params, copy_tokenizer, load_adapter, load_checkpoint,
-                        merged_state_dict, read_json_object, tokenizer_beside)
+                        merged_state_dict, read_encoder_settings, read_json_object, tokenizer_beside)
 from data import Tokenizer
 from model import ModelArgs, Transformer, rope_angles
 
@@ -292,13 +293,7 @@ def convert(src, out, overwrite=False, dtype="auto", tokenizer=None):
         if got != expected.get(key):
             raise CheckpointError(f"{src}: {key} is {got} but its config implies {expected.get(key, 'no such tensor')}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    here = f"{socket.gethostname()}-"  # a conversion on another machine sharing the disk is never taken for dead
-    for leftover in out.parent.glob(f".{glob.escape(out.name)}.converting.{glob.escape(here)}*"):  # a killed one's
-        pid = leftover.name[len(f".{out.name}.converting.{here}"):].split(".")[0]
-        if not pid.isdigit() or not process_alive(int(pid)):
-            print(f"convert.py: removing {leftover}, left by an interrupted conversion", file=sys.stderr)
-            shutil.rmtree(leftover, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.converting.{here}{os.getpid()}.", dir=out.parent))  # same fs
+    tmp = temporary_dir(out)
     try:
         tmp.chmod(0o755)
         torch.save(state, tmp / "consolidated.00.pth")
@@ -318,7 +313,7 @@ def convert(src, out, overwrite=False, dtype="auto", tokenizer=None):
 # ----------------------------------------------------------------------------------------------------------------
 # Out to Hugging Face (+ PEFT): the reverse of read_hf
 
-SHARD_BYTES = 5 * 2 ** 30  # transformers' default max_shard_size: a larger model is split, with an index file
+SHARD_BYTES = 5 * 10 ** 9  # transformers 4's default max_shard_size ("5GB"): a larger model is split, with an index
 HF_NAMES = {**{v: k for k, v in HF_BLOCK.items()}, **{v: k for k, v in HF_TOP.items()}}  # Meta's names -> HF's
 
 
@@ -419,8 +414,12 @@ def export_hf(src, out, tokenizer=None, adapter=None, merge=False, overwrite=Fal
     """SRC (what Magnet.load reads: a Meta directory, a llama2.c .bin) as the Hugging Face Llama directory OUT, with
     ADAPTER as a PEFT adapter in OUT/adapter, or, with merge, folded into OUT's weights (in fp32, then cast)."""
     src, out = Path(src), Path(out)
-    if out.exists() and not (overwrite and out.is_dir() and (out / "config.json").is_file()):
-        raise CheckpointError(f"{out}: exists; choose a new directory (or --overwrite an earlier export)")
+    present = {p.name for p in out.iterdir()} if out.is_dir() else set()
+    if out.exists() and not out.is_dir() or any(not HF_WRITTEN.fullmatch(name) for name in present):
+        raise CheckpointError(f"{out}: exists and is not an earlier export (it holds {sorted(present)[:4]}); choose "
+                              "a new directory")
+    if present and not overwrite:
+        raise CheckpointError(f"{out}: already holds an export; pass --overwrite to replace it")
     tok_path = Path(tokenizer) if tokenizer else tokenizer_beside(src if src.is_dir() else src.parent)
     if tok_path is None or not tok_path.is_file():
         raise CheckpointError(f"{src}: no tokenizer beside it; pass --tokenizer=FILE")
@@ -428,21 +427,24 @@ def export_hf(src, out, tokenizer=None, adapter=None, merge=False, overwrite=Fal
     model = load_checkpoint(src, vocab_size=tok.vocab_size)
     if adapter:
         load_adapter(model, adapter)
+    encoder = read_encoder_settings(src, adapter) if src.is_dir() or adapter else {}  # how it was trained to encode
+    encoder = {"instruction": "", "pooling": "last", **encoder, "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id}
     if adapter and not merge:
         state = {k: v for k, v in model.state_dict().items() if "lora_" not in k}
     else:
         state = merged_state_dict(model, torch.float32)
     state = {k: v.to(DTYPES[dtype]) for k, v in state.items()}
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.converting.{socket.gethostname()}-{os.getpid()}.",
-                                dir=out.parent))
+    tmp = temporary_dir(out)
     try:
-        tmp.chmod(0o755)
         save_safetensors(to_hf_state(model, state), tmp)
         (tmp / "config.json").write_text(json.dumps(hf_config(model, tok, DTYPES[dtype]), indent=2) + "\n")
         save_hf_tokenizer(tok, tmp)
+        (tmp / "magnet.json").write_text(json.dumps(encoder, indent=2) + "\n")  # for an encoder read elsewhere
         if adapter and not merge:
             peft_adapter(model, model.lora_config, tmp / "adapter", out.resolve())
+        for f in tmp.rglob("*"):
+            f.chmod(0o755 if f.is_dir() else 0o644)  # safetensors writes 0600: an export is for others to read
         if out.exists():
             out.rename(tmp / "replaced")
         tmp.rename(out)
@@ -450,6 +452,24 @@ def export_hf(src, out, tokenizer=None, adapter=None, merge=False, overwrite=Fal
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return hf_config(model, tok, DTYPES[dtype])
+
+
+HF_WRITTEN = re.compile(r"config\.json|model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|"
+                        r"tokenizer\.model|tokenizer\.json|tokenizer_config\.json|magnet\.json|adapter$")
+
+
+def temporary_dir(out):
+    """A new hidden directory beside OUT (the same file system: renamed into place at the end), after removing what
+    a killed conversion into OUT left there (as large as the model)."""
+    here = f"{socket.gethostname()}-"  # a conversion on another machine sharing the disk is never taken for dead
+    for leftover in out.parent.glob(f".{glob.escape(out.name)}.converting.{glob.escape(here)}*"):
+        pid = leftover.name[len(f".{out.name}.converting.{here}"):].split(".")[0]
+        if not pid.isdigit() or not process_alive(int(pid)):
+            print(f"convert.py: removing {leftover}, left by an interrupted conversion", file=sys.stderr)
+            shutil.rmtree(leftover, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.converting.{here}{os.getpid()}.", dir=out.parent))
+    tmp.chmod(0o755)
+    return tmp
 
 
 def process_alive(pid):

@@ -66,6 +66,32 @@ def test_transformers_and_peft_read_the_export_as_this_project_does(trained, toy
     tokenizer = transformers.AutoTokenizer.from_pretrained(d / "hf")
     text = "One day, Mia found a story book under the tree."
     assert tokenizer(text).input_ids == m.tok.encode(text, bos=True)
+    ids = torch.tensor([[tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False).input_ids +
+                        [tokenizer.eos_token_id]])  # the README's lines
+    everything = torch.ones(1, 1, ids.shape[1], ids.shape[1], dtype=torch.bool)
+    with torch.no_grad():
+        vector = merged.model(input_ids=ids, attention_mask=everything).last_hidden_state[0, -1]
+    torch.testing.assert_close(vector, m.encode([text])[0], rtol=0, atol=1e-4)
+
+
+def test_the_export_says_how_the_model_encodes(trained, toy_files, tmp_path):
+    """An adapter trained with mean pooling after an instruction: magnet.json in the export says so, and reading the
+    vector by it (mean of the text's states and EOS, after BOS + instruction) gives Magnet.encode's."""
+    transformers = pytest.importorskip("transformers", reason="the check is transformers' own Llama")
+    d, settings = trained, {"instruction": "Query:", "pooling": "mean"}
+    adapted = load_adapter(load_checkpoint(d / "base"), d / "adapter.pt")
+    save_adapter(adapted, tmp_path / "mean.pt", magnet=settings)
+    convert.export_hf(d / "base", tmp_path / "hf", adapter=tmp_path / "mean.pt", merge=True)
+    saved = json.loads((tmp_path / "hf" / "magnet.json").read_text())
+    assert saved == {**settings, "bos_token_id": 1, "eos_token_id": 2}
+    m, text = Magnet.load(d / "base", d / "base" / "tokenizer.model", adapter=tmp_path / "mean.pt"), "Mia found a kite."
+    instruction = m.tok.encode(saved["instruction"])
+    ids = torch.tensor([[saved["bos_token_id"]] + instruction + m.tok.encode(text) + [saved["eos_token_id"]]])
+    everything = torch.ones(1, 1, ids.shape[1], ids.shape[1], dtype=torch.bool)
+    encoder = transformers.AutoModel.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        states = encoder(input_ids=ids, attention_mask=everything).last_hidden_state[0]
+    torch.testing.assert_close(states[1 + len(instruction):].mean(0), m.encode([text])[0], rtol=0, atol=1e-4)
 
 
 def test_hf_to_meta_to_hf_gives_back_every_tensor_exactly(trained, tmp_path):
@@ -98,9 +124,13 @@ def test_a_bad_export_is_refused_and_nothing_is_written(trained, tmp_path):
     save_adapter(other, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="adapter does not fit this model"):
         convert.export_hf(trained / "base", tmp_path / "hf", adapter=tmp_path / "other.pt")
-    (tmp_path / "taken").mkdir()
-    with pytest.raises(CheckpointError, match="taken: exists"):
-        convert.export_hf(trained / "base", tmp_path / "taken")
+    (tmp_path / "taken").mkdir()  # e.g. a train.py run directory: it has a config.json too
+    for name in ("config.json", "adapter.pt"):
+        (tmp_path / "taken" / name).write_text("mine")
+    for overwrite in (False, True):
+        with pytest.raises(CheckpointError, match="taken: exists and is not an earlier export"):
+            convert.export_hf(trained / "base", tmp_path / "taken", overwrite=overwrite)
+    assert sorted(p.name for p in (tmp_path / "taken").iterdir()) == ["adapter.pt", "config.json"]
     shutil.copyfile(trained / "base" / "consolidated.00.pth", tmp_path / "lonely.pth")
     with pytest.raises(CheckpointError, match="no tokenizer beside it"):
         convert.export_hf(tmp_path / "lonely.pth", tmp_path / "hf")
