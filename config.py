@@ -156,6 +156,7 @@ def validate_eval_config(cfg, suites, ckpt_names):
         raise ConfigError(f"need --ckpt=... and suites among {suites} (unknown: {sorted(unknown)})")
     bad = [f"{k}={getattr(cfg, k)}" for k, least in dict(limit=0, probe_train=0, seed=0, max_len=2, gap=1, max_gap=1,
                                                          prefix_len=1, cont_len=1).items() if getattr(cfg, k) < least]
+    bad += [f"length_score={cfg.length_score}"] if cfg.length_score not in ("sum", "mean") else []
     kind = cfg.device.partition(":")[0]
     if bad or kind not in ("cpu", "cuda") or (kind == "cuda" and not torch.cuda.is_available()):
         raise ConfigError(f"out of range: {', '.join(bad) or f'device={cfg.device}'} (limit, probe_train and seed "

@@ -54,6 +54,7 @@ class EvalConfig:
     max_len: int = 256  # tokens per held-out passage
     gap: int = 8  # infill: gap length in tokens of the gap perplexity
     max_gap: int = 8  # infill: a text file's blanks are 1..max_gap tokens; not told, the model chooses 1..max_gap
+    length_score: str = "sum"  # infill, not told the length: "sum" log p(gap + right | left), or "mean" per token
     prefix_len: int = 32  # repetition: prompt tokens
     cont_len: int = 96  # repetition: generated tokens
     pooling: str = ""  # "" = what each model was trained with (stored with its adapter), else "last" or "mean"
@@ -216,7 +217,7 @@ def blank_metrics(m, cfg):
         raise EvalError(f"{cfg.text_data}: no held-out passage is long enough for a blank of 1..{cfg.max_gap} tokens")
     for i, (left_ids, gap, right_ids, left) in enumerate(tqdm(items, desc="blanks", leave=False)):
         told = m.infill_ids(left_ids, right_ids, len(gap))
-        chosen = m.infill_ids(left_ids, right_ids, max_tokens=cfg.max_gap)
+        chosen = m.infill_ids(left_ids, right_ids, max_tokens=cfg.max_gap, length_score=cfg.length_score)
         for key, hit in (("blank_em_hybrid", told == gap), ("blank_em_unknown_length", chosen == gap),
                          ("blank_length_exact", len(chosen) == len(gap)),
                          ("blank_length_within_1", abs(len(chosen) - len(gap)) <= 1)):

@@ -101,7 +101,7 @@ class Magnet:
 
     @torch.inference_mode()  # returns token ids, never tensors, so nothing leaks out of inference mode
     def infill_ids(self, left_ids, right_ids, n_tokens=None, max_tokens=8, temperature=0.0, top_p=1.0, seed=0,
-                   use_cache=True):
+                   use_cache=True, length_score="sum"):
         """The gap's token ids between left_ids (BOS + left) and right_ids.
 
         Known length (n_tokens): CONTEXT = left + right at positions 0..L-1 and L+n..; the gap is SPAN at L..L+n-1.
@@ -110,8 +110,11 @@ class Magnet:
         Unknown length (n_tokens=None): PROPOSE with the hybrid mask, CHOOSE with the causal LM. Every length
         n = 1..max_tokens is one row of a batch: its right context sits at its own positions L+n.., so each row is
         decoded knowing how much room it has. The proposals are then read left to right (all SPAN, the causal LM
-        MAGNET keeps), and the gap that makes left + gap + right most likely wins: argmax log p(gap, right | left).
+        MAGNET keeps), and the gap that makes left + gap + right most likely wins: argmax log p(gap, right | left)
+        (length_score="sum"), or per scored token (length_score="mean": a longer gap is not charged for its length).
         """
+        if length_score not in ("sum", "mean"):
+            raise ValueError(f"length_score={length_score!r}: expected 'sum' or 'mean'")
         counts = dict(n_tokens=n_tokens) if n_tokens is not None else dict(max_tokens=max_tokens)
         check_arguments({}, counts, temperature, top_p, seed)
         left_ids, right_ids = token_ids(left_ids, "left_ids", self.tok), token_ids(right_ids, "right_ids", self.tok)
@@ -127,7 +130,9 @@ class Magnet:
         gaps = decode(left_ids, right_ids, lengths, temperature, top_p, gen)
         if len(gaps) == 1:
             return gaps[0]
-        scores = self.causal_logprob(left_ids, [gap + list(right_ids) for gap in gaps])
+        scores = self.causal_logprob(left_ids, [gap + right_ids for gap in gaps])
+        if length_score == "mean":
+            scores = scores / torch.tensor([len(gap) + len(right_ids) for gap in gaps])
         return gaps[int(scores.argmax())]  # ties go to the shorter gap
 
     def _decode_gaps(self, left_ids, right_ids, lengths, temperature, top_p, gen):

@@ -74,7 +74,7 @@ def test_blank_metrics_count_exact_match_and_length(toy_files, monkeypatch, tmp_
     tok = toy_files[2]
     m = Magnet(Transformer(ModelArgs(dim=16, n_layers=1, n_heads=2, vocab_size=tok.vocab_size)).eval(), tok)
     truth = {(tuple(left), tuple(right)): gap for left, gap, right, _ in ev.blanks(m, ev.EvalConfig(limit=10))}
-    monkeypatch.setattr(m, "infill_ids", lambda left_ids, right_ids, n_tokens=None, max_tokens=8:
+    monkeypatch.setattr(m, "infill_ids", lambda left_ids, right_ids, n_tokens=None, max_tokens=8, **_:
                         truth[tuple(left_ids), tuple(right_ids)] + ([] if n_tokens else [5]))
     got = ev.blank_metrics(m, ev.EvalConfig(limit=10))
     assert {k: v for k, v in got.items() if k != "blank_em_left_only"} == dict(

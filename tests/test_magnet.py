@@ -71,6 +71,12 @@ def test_unknown_length_infill_picks_the_proposal_the_causal_lm_likes_best(tiny)
     assert torch.allclose(got.double(), torch.tensor(want, dtype=torch.float64), atol=1e-3)
     assert max(want) - sorted(want)[-2] > 1e-2  # a clear winner, so the argmax below is not a float tie
     assert tiny.infill_ids(left_ids, right_ids, max_tokens=5) == proposals[int(np.argmax(want))]
+    per_token = [w / (len(gap) + len(right_ids)) for w, gap in zip(want, proposals)]  # length_score="mean"
+    assert np.argmax(per_token) != np.argmax(want)  # here the two rules choose differently
+    assert tiny.infill_ids(left_ids, right_ids, max_tokens=5, length_score="mean") == \
+        proposals[int(np.argmax(per_token))]
+    with pytest.raises(ValueError, match="length_score='max': expected 'sum' or 'mean'"):
+        tiny.infill_ids(left_ids, right_ids, max_tokens=5, length_score="max")
 
 
 def test_infill_feeds_exactly_the_given_context(tiny, monkeypatch):
