@@ -88,7 +88,8 @@ class Magnet:
                 logits = self.model(torch.tensor([ids + new], device=self.device))[0, -1]
         return self.tok.decode(new)
 
-    def infill(self, left, right, n_tokens=None, max_tokens=8, temperature=0.0, top_p=1.0, seed=0, use_cache=True):
+    def infill(self, left, right, n_tokens=None, max_tokens=8, temperature=0.0, top_p=1.0, seed=0, use_cache=True,
+               length_score="sum"):
         """Fill the gap between `left` and `right`, reading both (docs/design.md §5). Returns the gap's text.
         n_tokens: the gap's length in tokens; None when it is unknown: the model chooses it, 1..max_tokens (infill_ids).
         Both sides are tokenized as they are in the whole text (Tokenizer.context_ids): a space at an edge of the
@@ -97,7 +98,8 @@ class Magnet:
         if not left.strip() and not right.strip():
             raise ValueError("infill needs some context: left and right are both empty")
         return self.tok.decode(self.infill_ids(*self.tok.context_ids(left, right), n_tokens, max_tokens,
-                                               temperature=temperature, top_p=top_p, seed=seed, use_cache=use_cache))
+                                               temperature=temperature, top_p=top_p, seed=seed, use_cache=use_cache,
+                                               length_score=length_score))
 
     @torch.inference_mode()  # returns token ids, never tensors, so nothing leaks out of inference mode
     def infill_ids(self, left_ids, right_ids, n_tokens=None, max_tokens=8, temperature=0.0, top_p=1.0, seed=0,
